@@ -1,0 +1,88 @@
+"""Block orderings: where the norms and the two residual branches (attention, MLP) go.
+
+Every block adds both branches to the residual stream; ``tests/test_blocks.py`` proves it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from pydantic import Field
+
+from ..component import Block, QKTransform
+from ..context import BuildContext
+from ..layers import drop_path, layer_scale
+
+
+class _TwoBranchBlock(Block):
+    """Builds norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2 (timm's names)."""
+
+    class Params(Block.Params):
+        init_values: Optional[float] = Field(None, gt=0.0, description="layer scale init; null = no layer scale")
+
+    def __init__(self, ctx: BuildContext, params: Params, shared_norm: bool = False):
+        super().__init__(ctx, params)
+        D, fk = ctx.embed_dim, ctx.factory_kwargs
+        self.norm1 = ctx.make("norm")
+        self.attn = ctx.make("attention")
+        self.ls1 = layer_scale(D, params.init_values, **fk)
+        self.drop_path1 = drop_path(ctx.drop_path)
+        if not shared_norm:
+            self.norm2 = ctx.make("norm")
+        self.mlp = ctx.make("mlp")
+        self.ls2 = layer_scale(D, params.init_values, **fk)
+        self.drop_path2 = drop_path(ctx.drop_path)
+
+
+class PreNormBlock(_TwoBranchBlock):
+    """Pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)) (ViT, timm ``Block``)."""
+
+    name = "prenorm"
+
+    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), qk_transform)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class PostNormBlock(_TwoBranchBlock):
+    """Post-norm: norm1(x + attn(x)), then norm2(x + mlp(x)) (the original Transformer)."""
+
+    name = "postnorm"
+
+    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, qk_transform))))
+        x = self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
+        return x
+
+
+class ResPostNormBlock(_TwoBranchBlock):
+    """Res-post-norm: x + norm1(attn(x)), then x + norm2(mlp(x)) (Swin V2, timm ``ResPostBlock``)."""
+
+    name = "respostnorm"
+
+    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.norm1(self.attn(x, qk_transform))))
+        x = x + self.drop_path2(self.ls2(self.norm2(self.mlp(x))))
+        return x
+
+
+class ParallelBlock(_TwoBranchBlock):
+    """Parallel: x + attn(norm(x)) + mlp(norm(x)) with one shared norm (ViT-22B, GPT-J)."""
+
+    name = "parallel"
+
+    class Params(_TwoBranchBlock.Params):
+        shared_norm: bool = True  # false: separate norm1 / norm2 for the two branches
+
+    def __init__(self, ctx: BuildContext, params: Params):
+        super().__init__(ctx, params, shared_norm=params.shared_norm)
+        self.shared_norm = params.shared_norm
+
+    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        m = h if self.shared_norm else self.norm2(x)
+        return x + self.drop_path1(self.ls1(self.attn(h, qk_transform))) + self.drop_path2(self.ls2(self.mlp(m)))
+
+
+COMPONENTS = (PreNormBlock, PostNormBlock, ResPostNormBlock, ParallelBlock)

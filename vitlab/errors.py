@@ -1,0 +1,82 @@
+"""The exceptions vitlab raises for problems a user can fix.
+
+Every user-facing failure is a :class:`VitlabError`; the CLI prints ``str(error)`` (one line per
+problem) and exits with ``error.exit_code``, never a traceback.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+
+class VitlabError(Exception):
+    """Base class of every error vitlab raises for bad input."""
+
+    exit_code = 2
+
+    def lines(self) -> list[str]:
+        """One readable line per problem (the CLI prints these)."""
+        return [str(self)]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a recipe: where (a dotted field path) and what."""
+
+    loc: str
+    msg: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.msg}" if self.loc else self.msg
+
+
+class SpecError(VitlabError, ValueError):
+    """A recipe or spec that does not validate. Carries every problem found, not only the first.
+
+    Args:
+        problems: the problems, each with a dotted field path (``attention.params.qk_norm``).
+        source: the file or recipe the problems come from, prefixed to each line.
+    """
+
+    def __init__(self, problems: Sequence[Problem] | str, source: str | None = None):
+        if isinstance(problems, str):
+            problems = [Problem("", problems)]
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        prefix = f"{self.source}: " if self.source else ""
+        return [f"{prefix}{p}" for p in self.problems]
+
+    def with_source(self, source: str) -> "SpecError":
+        return SpecError(self.problems, source=self.source or source)
+
+
+class PluginError(VitlabError):
+    """A plugin that fails to load, registers a duplicate name or returns a non-component."""
+
+
+class WeightsError(VitlabError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'mhsa'?"`` when a choice is close to ``word``, else ``""``."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def known(choices: Iterable[str], label: str = "known") -> str:
+    """``"known: a, b, c"`` (sorted), or ``"known: (none)"``."""
+    names = sorted(choices)
+    return f"{label}: " + (", ".join(names) if names else "(none)")
+
+
+def unknown_choice(what: str, word: object, choices: Iterable[str], label: str = "known", extra: str = "") -> str:
+    """``unknown attention 'mhas'; did you mean 'mhsa'? known: mhsa`` (the one message format for
+    bad names and keys)."""
+    choices = list(choices)
+    hint = did_you_mean(str(word), choices)
+    return f"unknown {what} '{word}'{extra}{hint}{' ' if hint else '; '}{known(choices, label)}"
