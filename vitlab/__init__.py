@@ -29,7 +29,15 @@ from .recipes import dump_spec, load_spec  # noqa: E402
 from .spec import ComponentSpec, ViTSpec  # noqa: E402
 
 # Heavier features load on first use: name -> module that defines it.
-_LAZY = {}
+_LAZY = {
+    "analyze": ".analysis",
+    "spec_from_timm": ".timm_interop",
+    "load_timm_weights": ".timm_interop",
+    "timm_kwargs": ".timm_interop",
+    "to_timm_state_dict": ".timm_interop",
+    "save": ".checkpoint",
+    "load": ".checkpoint",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -48,5 +56,5 @@ __all__ = [
     "KINDS", "Attention", "Block", "BuildContext", "Component", "ComponentSpec", "Mlp", "Norm",
     "PatchEmbed", "PluginError", "Pool", "PosEncoding", "SpecError", "ViTSpec", "VisionTransformer",
     "VitlabError", "WeightsError", "build_model", "list_components", "dump_spec", "get_registry",
-    "hookimpl", "load_spec", "make_plugin_manager", "use_registry",
+    "hookimpl", "load_spec", "make_plugin_manager", "use_registry", *_LAZY,
 ]
