@@ -53,10 +53,17 @@ def cli() -> None:
 
 
 def main() -> None:
-    from . import spec_cmds  # noqa: F401  (commands register on import)
-
-    try:
-        from . import analysis_cmds  # noqa: F401
-    except ImportError:
-        pass
+    load_commands()
     cli(prog_name="vitlab")
+
+
+def load_commands() -> None:
+    """Import the command modules; each registers its commands on ``cli``."""
+    import importlib
+
+    for name in ("spec_cmds", "analysis_cmds", "attention_cmds", "timm_cmds", "plugin_cmds"):
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:  # a command module not written yet
+            if exc.name != f"{__name__}.{name}":
+                raise

@@ -1,0 +1,111 @@
+"""``vitlab attention``: a picture of where a recipe's model attends on an image."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import VitlabError
+from . import cli, set_option
+
+
+def _floats3(text: str | None, option: str):
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise VitlabError(f"{option}: expected three comma-separated numbers (R,G,B), got {text!r}")
+    return values
+
+
+def _load_weights(model, path: Path) -> str:
+    """Load a vitlab checkpoint (its spec must equal the recipe's) or a timm checkpoint."""
+    if not path.is_file():
+        raise VitlabError(f"weights file not found: {path}")
+    from .. import checkpoint
+
+    if checkpoint.is_vitlab_checkpoint(path):
+        saved = checkpoint.load(path)
+        if saved.spec != model.spec:
+            diff = sorted(k for k, v in saved.spec.to_dict().items() if model.spec.to_dict().get(k) != v)
+            raise VitlabError(f"{path} was saved from a different spec (differs in: {', '.join(diff)})")
+        model.load_state_dict(saved.state_dict())
+        return "vitlab checkpoint"
+    from ..timm_interop import load_timm_weights
+
+    load_timm_weights(model, path, strict=True)
+    return "timm checkpoint"
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Input image file.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="A vitlab checkpoint or a timm checkpoint matching the recipe.")
+@click.option("--layer", default="-1", show_default=True, help="Block index (negative counts from the end) or 'all'.")
+@click.option("--head", default="mean", show_default=True, help="Head index, or 'mean' (with one layer: every head plus their mean).")
+@click.option("--rollout", is_flag=True, help="Show attention rollout through all layers instead of single-layer maps.")
+@click.option("--head-fusion", type=click.Choice(["mean", "max", "min"]), default="mean", show_default=True, help="How rollout fuses heads.")
+@click.option("--discard-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Rollout: fraction of weakest links dropped per layer.")
+@click.option("--crop-pct", type=float, default=0.875, show_default=True, help="Resize the shorter side to size / crop_pct, then centre-crop.")
+@click.option("--mean", "mean_text", default=None, help="Normalisation mean R,G,B (default ImageNet).")
+@click.option("--std", "std_text", default=None, help="Normalisation std R,G,B (default ImageNet).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed when no --weights are given.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@set_option
+def attention(recipe, image_path, weights, layer, head, rollout, head_fusion, discard_ratio, crop_pct,
+              mean_text, std_text, seed, output, force, overrides) -> None:
+    """Draw RECIPE's attention on IMAGE: heatmaps per head or per layer, or the rollout."""
+    import torch
+
+    from ..attention_maps import attention_maps, attention_rollout, patch_heatmap
+    from ..attention_plot import attention_figure, save_figure
+    from ..fileio import atomic_write, check_writable
+    from ..images import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize, resize_center_crop
+    from ..model import build_model
+    from ..recipes import load_spec
+
+    check_writable(output, force)  # fail before any work
+    spec = load_spec(recipe, overrides=list(overrides))
+    model = build_model(spec, seed=seed).eval()
+    source = _load_weights(model, weights) if weights else f"random init, seed {seed}"
+    crop = resize_center_crop(load_image(image_path), spec.img_hw, crop_pct)
+    x = normalize(crop, _floats3(mean_text, "--mean") or IMAGENET_MEAN, _floats3(std_text, "--std") or IMAGENET_STD)
+    maps = attention_maps(model, x[None])  # depth x (1, heads, N, N)
+    ctx = model.ctx
+
+    def heat(a: torch.Tensor) -> torch.Tensor:  # (1, N, N) or (1, h, N, N) -> (gh, gw)
+        return patch_heatmap(a, ctx.grid_size, ctx.num_prefix_tokens, spec.class_token)[0]
+
+    depth, heads = len(maps), maps[0].shape[1]
+    if rollout:
+        panels = [(heat(attention_rollout(maps, head_fusion, discard_ratio)), f"rollout ({head_fusion}, discard {discard_ratio:g})")]
+    else:
+        layers = list(range(depth)) if layer == "all" else [_index(layer, depth, "--layer")]
+        if head == "mean":
+            head_ids: list[int | None] = [None] if len(layers) > 1 else [*range(heads), None]
+        else:
+            head_ids = [_index(head, heads, "--head")]
+        panels = []
+        for li in layers:
+            for hi in head_ids:
+                a = maps[li].mean(dim=1) if hi is None else maps[li][:, hi]
+                panels.append((heat(a), f"layer {li}, {'mean of heads' if hi is None else f'head {hi}'}"))
+    query = "class token" if spec.class_token else "mean over tokens"
+    title = f"{spec.name}: attention from the {query} ({source})"
+    fig = attention_figure(crop, [p[0] for p in panels], [p[1] for p in panels], title)
+    atomic_write(output, lambda tmp: save_figure(fig, tmp), force=force)
+    click.echo(f"wrote {output} ({len(panels)} heatmaps)")
+
+
+def _index(text: str, size: int, option: str) -> int:
+    try:
+        i = int(text)
+    except ValueError:
+        raise VitlabError(f"{option}: expected an integer in [{-size}, {size - 1}] or the keyword shown in --help, got {text!r}") from None
+    if not -size <= i < size:
+        raise VitlabError(f"{option} {i} is out of range: the model has {size} (valid: {-size} to {size - 1})")
+    return i % size

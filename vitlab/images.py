@@ -1,0 +1,74 @@
+"""Images in and out of a model: evaluation preprocessing (as timm's eval transform) and a
+procedurally generated test picture (no data set can be downloaded here)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import VitlabError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An RGB image file as a float tensor (3, H, W) in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+            return data.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0
+    except FileNotFoundError:
+        raise VitlabError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise VitlabError(f"cannot read image {path}: {exc}") from None
+
+
+def resize_center_crop(image: torch.Tensor, size: tuple[int, int], crop_pct: float = 0.875) -> torch.Tensor:
+    """(3, H, W) -> (3, h, w): resize the shorter side to ``size / crop_pct`` (bicubic), then crop
+    the centre, as timm's default evaluation transform."""
+    if not 0 < crop_pct <= 1:
+        raise VitlabError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    h, w = size
+    scale_to = math.floor(max(h, w) / crop_pct)
+    H, W = image.shape[-2:]
+    ratio = scale_to / min(H, W)
+    new_h, new_w = max(h, round(H * ratio)), max(w, round(W * ratio))
+    resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = (new_h - h) // 2, (new_w - w) // 2
+    return resized[:, top : top + h, left : left + w].clamp(0, 1)
+
+
+def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(3, H, W) in [0, 1] -> normalised with per-channel mean and std."""
+    m = torch.tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=image.dtype).view(-1, 1, 1)
+    return (image - m) / s
+
+
+def procedural_image(size: int = 224, seed: int = 0) -> torch.Tensor:
+    """A deterministic synthetic picture (3, size, size) in [0, 1]: a soft gradient sky, a
+    textured ground and a bright disc, so that maps have something to attend to."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    sky = torch.stack([0.35 + 0.3 * y, 0.55 + 0.25 * y, 0.9 - 0.2 * y])
+    ground = torch.stack([0.25 + 0.1 * x, 0.45 + 0.1 * torch.sin(12 * x), 0.2 + 0.05 * y])
+    ground = ground + 0.06 * torch.randn(3, size, size, generator=g)
+    img = torch.where((y > 0.62)[None], ground, sky)
+    cy, cx = 0.38 + 0.1 * torch.rand(1, generator=g).item(), 0.3 + 0.4 * torch.rand(1, generator=g).item()
+    disc = ((y - cy) ** 2 + (x - cx) ** 2).sqrt() < 0.13
+    img = torch.where(disc[None], torch.tensor([0.95, 0.75, 0.2]).view(3, 1, 1), img)
+    return img.clamp(0, 1)
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> None:
+    """(3, H, W) in [0, 1] -> PNG file."""
+    from PIL import Image
+
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    Image.fromarray(arr).save(path, format="PNG")
