@@ -61,7 +61,7 @@ def load_commands() -> None:
     """Import the command modules; each registers its commands on ``cli``."""
     import importlib
 
-    for name in ("spec_cmds", "analysis_cmds", "attention_cmds", "timm_cmds", "plugin_cmds"):
+    for name in ("spec_cmds", "analysis_cmds", "attention_cmds", "timm_cmds", "plugin_cmds", "bench_cmds"):
         try:
             importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:  # a command module not written yet

@@ -1,0 +1,47 @@
+"""``vitlab bench``: images/s, achieved GMAC/s and efficiency against the machine's matmul."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..errors import VitlabError
+from . import cli, set_option
+
+
+@cli.command()
+@click.argument("recipe")
+@set_option
+@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--train", is_flag=True, help="Time a training step (forward, backward, SGD) instead of inference.")
+@click.option("--compile", "use_compile", is_flag=True, help="Run the model under torch.compile.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu).")
+@click.option("--iters", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench(recipe, overrides, batch_size, train, use_compile, device, iters, as_json) -> None:
+    """Throughput of RECIPE's model and its efficiency relative to a large matmul."""
+    import torch
+
+    from ..analysis import analyze
+    from ..bench import bench_model
+    from ..model import build_model
+    from ..recipes import load_spec
+
+    spec = load_spec(recipe, overrides=list(overrides))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch_device = torch.device(device)
+        torch.empty(0, device=torch_device)
+    except (RuntimeError, AssertionError) as exc:
+        raise VitlabError(f"--device {device}: {exc}") from None
+    macs = analyze(spec, batch_size=1).flops
+    model = build_model(spec, device=torch_device, seed=0)
+    r = bench_model(model, macs, batch_size=batch_size, train=train, compile=use_compile, device=torch_device, iters=iters)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    click.echo(
+        f"{r.name}: {r.mode} batch {r.batch_size}{' compiled' if r.compiled else ''} on {r.device}: "
+        f"{r.images_per_s:.1f} images/s, {r.achieved_gmacs:.1f} GMAC/s achieved, "
+        f"matmul {r.matmul_gmacs:.1f} GMAC/s, efficiency {r.efficiency:.2f}"
+    )
