@@ -17,7 +17,7 @@ class VitlabError(Exception):
 
     def lines(self) -> list[str]:
         """One readable line per problem (the CLI prints these)."""
-        return [str(self)]
+        return [one_line(line) for line in str(self).splitlines()] or [type(self).__name__]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class Problem:
     msg: str
 
     def __str__(self) -> str:
-        return f"{self.loc}: {self.msg}" if self.loc else self.msg
+        text = f"{self.loc}: {self.msg}" if self.loc else self.msg
+        return one_line(text)
 
 
 class SpecError(VitlabError, ValueError):
@@ -47,7 +48,7 @@ class SpecError(VitlabError, ValueError):
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
-        prefix = f"{self.source}: " if self.source else ""
+        prefix = one_line(f"{self.source}: ") if self.source else ""
         return [f"{prefix}{p}" for p in self.problems]
 
     def with_source(self, source: str) -> "SpecError":
@@ -60,6 +61,11 @@ class PluginError(VitlabError):
 
 class WeightsError(VitlabError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+def one_line(text: str) -> str:
+    """Escape line breaks and other control characters so a problem prints as exactly one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -79,4 +85,4 @@ def unknown_choice(what: str, word: object, choices: Iterable[str], label: str =
     bad names and keys)."""
     choices = list(choices)
     hint = did_you_mean(str(word), choices)
-    return f"unknown {what} '{word}'{extra}{hint}{' ' if hint else '; '}{known(choices, label)}"
+    return f"unknown {what} {str(word)!r}{extra}{hint}{' ' if hint else '; '}{known(choices, label)}"

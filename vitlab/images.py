@@ -51,19 +51,27 @@ def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torc
     return (image - m) / s
 
 
-def procedural_image(size: int = 224, seed: int = 0) -> torch.Tensor:
-    """A deterministic synthetic picture (3, size, size) in [0, 1]: a soft gradient sky, a
-    textured ground and a bright disc, so that maps have something to attend to."""
+def procedural_batch(n: int, size: int = 224, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic synthetic pictures (n, 3, size, size) in [0, 1] and the centres (n, 2) of
+    their discs as (y, x) fractions: a gradient sky, a textured ground and one bright disc, so that
+    attention has something to find."""
     g = torch.Generator().manual_seed(seed)
     y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    sky = torch.stack([0.35 + 0.3 * y, 0.55 + 0.25 * y, 0.9 - 0.2 * y])
+    sky = torch.stack([0.35 + 0.3 * y, 0.55 + 0.25 * y, 0.9 - 0.2 * y])  # (3, S, S)
     ground = torch.stack([0.25 + 0.1 * x, 0.45 + 0.1 * torch.sin(12 * x), 0.2 + 0.05 * y])
-    ground = ground + 0.06 * torch.randn(3, size, size, generator=g)
-    img = torch.where((y > 0.62)[None], ground, sky)
-    cy, cx = 0.38 + 0.1 * torch.rand(1, generator=g).item(), 0.3 + 0.4 * torch.rand(1, generator=g).item()
-    disc = ((y - cy) ** 2 + (x - cx) ** 2).sqrt() < 0.13
-    img = torch.where(disc[None], torch.tensor([0.95, 0.75, 0.2]).view(3, 1, 1), img)
-    return img.clamp(0, 1)
+    ground = ground + 0.06 * torch.randn(n, 3, size, size, generator=g)  # (n, 3, S, S)
+    img = torch.where((y > 0.62)[None, None], ground, sky[None])
+    centres = 0.15 + 0.7 * torch.rand(n, 2, generator=g)  # (n, 2): (y, x)
+    radius = 0.1 + 0.05 * torch.rand(n, 1, 1, generator=g)
+    dist = ((y[None] - centres[:, 0, None, None]) ** 2 + (x[None] - centres[:, 1, None, None]) ** 2).sqrt()
+    disc = (dist < radius)[:, None]  # (n, 1, S, S)
+    img = torch.where(disc, torch.tensor([0.95, 0.75, 0.2]).view(1, 3, 1, 1), img)
+    return img.clamp(0, 1), centres
+
+
+def procedural_image(size: int = 224, seed: int = 0) -> torch.Tensor:
+    """One picture of ``procedural_batch``: (3, size, size) in [0, 1]."""
+    return procedural_batch(1, size, seed)[0][0]
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:
