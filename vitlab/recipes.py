@@ -63,21 +63,27 @@ def _parse(path: Path) -> dict[str, Any]:
         raise SpecError(f"cannot read recipe: {exc.strerror or exc}", source=str(path)) from None
     except UnicodeDecodeError:
         raise SpecError("recipe is not UTF-8 text", source=str(path)) from None
+    return parse_text(text, source=str(path), json_syntax=path.suffix == ".json")
+
+
+def parse_text(text: str, source: str = "<recipe text>", json_syntax: bool = False) -> dict[str, Any]:
+    """Recipe text (YAML, or JSON) -> raw mapping, with syntax errors naming line and column.
+    YAML is read with the safe loader: no tags, no objects, no code."""
     if not text.strip():
-        raise SpecError("recipe file is empty", source=str(path))
+        raise SpecError("recipe file is empty", source=source)
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if json_syntax else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
-        raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=str(path)) from None
+        raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"invalid YAML{where}: {problem}", source=str(path)) from None
+        raise SpecError(f"invalid YAML{where}: {problem}", source=source) from None
     if data is None:
-        raise SpecError("recipe file is empty (only comments)", source=str(path))
+        raise SpecError("recipe file is empty (only comments)", source=source)
     if not isinstance(data, dict):
-        raise SpecError(f"a recipe must be a mapping of fields, got {type(data).__name__}", source=str(path))
+        raise SpecError(f"a recipe must be a mapping of fields, got {type(data).__name__}", source=source)
     return data
 
 
@@ -212,7 +218,8 @@ def load_spec(
     """A validated spec from a recipe path, bundled recipe name, mapping, or spec.
 
     Args:
-        source: ``"recipes/x.yaml"``, ``"vit_tiny_patch16_224"`` (bundled), a dict, or a ``ViTSpec``.
+        source: ``"recipes/x.yaml"``, ``"vit_tiny_patch16_224"`` (bundled), recipe text (a string
+            with a line break, e.g. ``dump_spec`` output), a dict, or a ``ViTSpec``.
         overrides: dotted keys to values (``{"depth": 6}``) or ``"key=value"`` strings.
         registry: the component registry to validate against (default: installed plugins).
 
@@ -222,8 +229,8 @@ def load_spec(
     label = None
     if isinstance(source, ViTSpec):
         data = source.to_dict()
-    elif isinstance(source, Mapping):
-        data = dict(source)
+    elif isinstance(source, Mapping) or isinstance(source, str) and "\n" in source:
+        data = parse_text(source) if isinstance(source, str) else dict(source)
         if "extends" in data:
             parent = data.pop("extends")
             data = _merge(read_recipe(find_recipe(parent)), data)
