@@ -5,7 +5,7 @@ trained model's class token should attend to it, unlike a randomly initialised o
 is downloaded: every picture is generated. Writes docs/attention_example.png (the README's
 picture) and, with --checkpoint, the trained weights as a vitlab checkpoint.
 
-    .venv/bin/python examples/attention_demo.py [--steps 400] [--out docs/attention_example.png]
+    .venv/bin/python examples/attention_demo.py [--steps 1000] [--out docs/attention_example.png]
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def quadrant(centres: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("docs/attention_example.png"))
     ap.add_argument("--checkpoint", type=Path, default=None)

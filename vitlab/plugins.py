@@ -108,8 +108,10 @@ def make_plugin_manager(
         register = functools.partial(_register_one, registry, provider, info)
         try:
             impl.function(register=register)
-        except PluginError:
-            raise
+        except PluginError as exc:
+            if strict:
+                raise
+            registry.failures.append(PluginFailure(name, info.distribution if info else name, str(exc)))
         except Exception as exc:
             fail(name, info.distribution if info else name, f"vitlab_register_components raised {type(exc).__name__}: {exc}")
     return pm, registry

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .component import KIND_BASES, KINDS, Component
-from .errors import PluginError, did_you_mean, known, unknown_choice
+from .errors import PluginError, known, unknown_choice
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -107,8 +107,7 @@ class Registry:
 
     def unknown_message(self, kind: str, name: Any) -> str:
         table = self._kind(kind)
-        missing = "" if did_you_mean(name, table) else ", provided by no installed plugin"
-        return unknown_choice(kind, name, table, extra=missing)
+        return unknown_choice(kind, name, table, extra=", provided by no installed plugin")
 
     def components(self, kind: str | None = None) -> list[ComponentInfo]:
         kinds = [kind] if kind is not None else list(KINDS)
