@@ -30,7 +30,8 @@ class Component(nn.Module):
     class Params(BaseModel):
         """The component's own settings; unknown keys are refused."""
 
-        model_config = ConfigDict(extra="forbid", frozen=True)
+        # unknown keys fail; inf/nan are never sensible sizes or rates; bools must be bools
+        model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @classmethod
     def check(cls, ctx: BuildContext, params: Any) -> None:

@@ -101,7 +101,8 @@ def make_plugin_manager(
         raise PluginError(f"plugin '{exc.plugin}' implements an unknown hook: {exc}") from None
 
     infos = {p.name: p for p in registry.plugins}
-    for impl in reversed(pm.hook.vitlab_register_components.get_hookimpls()):
+    # registration order: built-ins first, so a duplicate names the built-in as the first provider
+    for impl in pm.hook.vitlab_register_components.get_hookimpls():
         name = impl.plugin_name
         info = infos.get(name)
         provider = BUILTIN if name == BUILTIN else (info.distribution if info and info.distribution != name else name)

@@ -151,6 +151,8 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Iterabl
     params unless the same overrides set them too."""
     if not overrides:
         return data
+    if isinstance(overrides, str):
+        overrides = [overrides]
     items = list(overrides.items()) if isinstance(overrides, Mapping) else [parse_override(o) for o in overrides]
     out = copy.deepcopy(data)
     # names first, so that params set in the same call land on the new component

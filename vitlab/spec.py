@@ -93,7 +93,7 @@ class ViTSpec(BaseModel):
     recipe states only what differs."""
 
     # validate_default: the default selections get their params filled in like written ones
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     name: str = "vit"
     img_size: Size2 = 224
@@ -103,7 +103,7 @@ class ViTSpec(BaseModel):
     embed_dim: PosInt = 768
     depth: PosInt = 12
     num_heads: PosInt = 12
-    mlp_ratio: Annotated[float, Field(gt=0.0)] = 4.0
+    mlp_ratio: Annotated[float, Field(gt=0.0, strict=True, allow_inf_nan=False)] = 4.0
     class_token: StrictBool = True
     reg_tokens: NonNegInt = Field(0, description="register tokens after the class token")
     pre_norm: StrictBool = Field(False, description="norm right after the embedding (CLIP's norm_pre)")
@@ -151,6 +151,12 @@ class ViTSpec(BaseModel):
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> "ViTSpec":
         errors: list[InitErrorDetails] = []
+        if self.mlp_hidden_dim < 1:
+            errors.append(_error(
+                ("mlp_ratio",),
+                f"embed_dim * mlp_ratio = {self.embed_dim * self.mlp_ratio:g} gives an MLP width below 1",
+                self.mlp_ratio,
+            ))
         if self.embed_dim % self.num_heads:
             errors.append(_error(
                 ("num_heads",),

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
-from . import attention, block, mlp, norm, patch_embed, pool, pos_embed
+from . import attention, block, map_pool, mlp, norm, patch_embed, pool, pos_embed
 
-MODULES = (patch_embed, pos_embed, attention, mlp, norm, block, pool)
+MODULES = (patch_embed, pos_embed, attention, mlp, norm, block, pool, map_pool)
 
 
 @hookimpl

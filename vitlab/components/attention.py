@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, StrictBool
 from torch import nn
 
 from ..component import Attention, QKTransform
@@ -16,9 +16,9 @@ class MultiHeadSelfAttention(Attention):
     name = "mhsa"
 
     class Params(Attention.Params):
-        qkv_bias: bool = True
-        proj_bias: bool = True
-        qk_norm: bool = False  # the recipe's norm over head_dim on queries and keys (ViT-22B)
+        qkv_bias: StrictBool = True
+        proj_bias: StrictBool = True
+        qk_norm: StrictBool = False  # the recipe's norm over head_dim on queries and keys (ViT-22B)
         attn_drop: float = Field(0.0, ge=0.0, lt=1.0)
 
     def __init__(self, ctx: BuildContext, params: Params):

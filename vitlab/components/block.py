@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from ..component import Block, QKTransform
 from ..context import BuildContext
@@ -73,7 +73,7 @@ class ParallelBlock(_TwoBranchBlock):
     name = "parallel"
 
     class Params(_TwoBranchBlock.Params):
-        shared_norm: bool = True  # false: separate norm1 / norm2 for the two branches
+        shared_norm: StrictBool = True  # false: separate norm1 / norm2 for the two branches
 
     def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params, shared_norm=params.shared_norm)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import StrictBool
 from torch import nn
 
 from ..component import Mlp
@@ -15,8 +16,8 @@ Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
 
 class _MlpBase(Mlp):
     class Params(Mlp.Params):
-        bias: bool = True
-        norm: bool = False  # the recipe's norm on the hidden features before fc2 (timm scale_mlp_norm)
+        bias: StrictBool = True
+        norm: StrictBool = False  # the recipe's norm on the hidden features before fc2 (timm scale_mlp_norm)
 
     def _tail(self, ctx: BuildContext, params: Params) -> None:
         hidden = ctx.mlp_hidden_dim

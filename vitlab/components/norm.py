@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, StrictBool
 from torch import nn
 
 from ..component import Norm
@@ -17,7 +17,7 @@ class LayerNorm(Norm):
 
     class Params(Norm.Params):
         eps: float = Field(1e-6, gt=0.0)
-        bias: bool = True
+        bias: StrictBool = True
 
     def __init__(self, ctx: BuildContext, params: Params, dim: int | None = None):
         super().__init__(ctx, params, dim)

@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import StrictBool
 from torch import nn
 
 from ..component import PatchEmbed
@@ -21,9 +22,9 @@ def _pad_to_patches(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
 
 class _PatchifyBase(PatchEmbed):
     class Params(PatchEmbed.Params):
-        bias: bool = True
-        norm: bool = False  # the recipe's norm over tokens right after the projection
-        pad: bool = False  # zero-pad images that do not divide into patches
+        bias: StrictBool = True
+        norm: StrictBool = False  # the recipe's norm over tokens right after the projection
+        pad: StrictBool = False  # zero-pad images that do not divide into patches
 
     @classmethod
     def grid_size(cls, img_size, patch_size, params):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from pydantic import StrictBool
 from torch import nn
 
 from ..component import Pool
@@ -28,7 +29,7 @@ class AvgPool(Pool):
     name = "avg"
 
     class Params(Pool.Params):
-        norm: bool = False  # the recipe's norm after pooling (timm fc_norm)
+        norm: StrictBool = False  # the recipe's norm after pooling (timm fc_norm)
 
     def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, StrictBool
 from torch import nn
 
 from ..component import PosEncoding
@@ -40,7 +41,7 @@ class LearnedPosEmbed(PosEncoding):
     name = "learned"
 
     class Params(PosEncoding.Params):
-        include_prefix: bool = True  # also embed class/register tokens; false = patches only (timm no_embed_class)
+        include_prefix: StrictBool = True  # also embed class/register tokens; false = patches only (timm no_embed_class)
 
     def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params)
@@ -70,7 +71,7 @@ class SinCos2dPosEmbed(PosEncoding):
     name = "sincos2d"
 
     class Params(PosEncoding.Params):
-        temperature: float = 10_000.0
+        temperature: float = Field(10_000.0, gt=0.0)
 
     @classmethod
     def check(cls, ctx: BuildContext, params: Params) -> None:

@@ -1,0 +1,9 @@
+"""A plugin that registers something that is not a component class."""
+import torch
+
+import vitlab
+
+
+@vitlab.hookimpl
+def vitlab_register_components(register):
+    register(torch.nn.Linear)

@@ -1,0 +1,177 @@
+"""fvcore operator handles: what vitlab adds to fvcore's own, and which operators are free.
+
+Conventions are fvcore's (``fvcore/nn/jit_handles.py``): one fused multiply-add counts 1 (so a
+(M, K) x (K, N) product is M·K·N), bias additions are not counted, ``aten::layer_norm`` costs 5 per
+element with an affine transform (4 without), and activations are the output elements of
+conv / linear / matmul-like operators (``ActivationCountAnalysis``).
+
+What plain fvcore misses on vitlab's built-ins, and what vitlab does about it:
+
+* ``aten::scaled_dot_product_attention`` (the fused attention every built-in uses): counted as
+  q·kᵀ plus attn·v, ``B·h·Nq·Nk·hd + B·h·Nq·Nk·hd_v`` multiply-adds -- exactly what fvcore counts
+  for the two ``aten::matmul`` of the unfused path (``Attention.record_maps``, timm's
+  ``fused_attn=False``), so fused and unfused attention give identical totals. Its activations are
+  the attention matrix plus the output, again what the two unfused matmuls produce. The scale, the
+  softmax and an additive mask are free, as they are on the unfused path. A causal mask is not
+  halved (neither is the unfused matmul).
+* ``aten::rms_norm``: 4 per element with a weight, 3 without -- fvcore's layer-norm estimate
+  less the centring RMSNorm skips.
+* ``aten::upsample_bicubic2d`` / ``aten::_upsample_bicubic2d_aa`` (resampling learned position
+  tables for another image size): 16 per output element, one per tap, as fvcore counts 4 for
+  bilinear.
+
+Every other operator the built-ins emit is free by the same convention that makes timm's and most
+papers' GFLOPs tables: :data:`FREE_OPS` names each with the reason. Free operators are still
+counted by occurrence and shown in a report's ``free_ops``; anything neither counted nor free
+lands in ``unsupported``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from math import prod
+from typing import Any, Callable
+
+# --- free operators, with why ---------------------------------------------------------------------
+
+_ADD = "addition: residual branches, position embeddings, biases and masks are not multiply-adds"
+_SCALE = "elementwise scaling (layer scale, attention scale, SwiGLU gate) or integer shape arithmetic"
+_ACT = "activation / softmax: elementwise, not counted by fvcore or in published GFLOPs"
+_POOL = "mean over tokens (average pooling): additions only"
+_TABLE = "position-table construction (sin/cos, powers, index grids): elementwise, input-independent"
+_MEM = "memory or shape operation"
+
+FREE_OPS: dict[str, str] = {
+    "aten::add": _ADD,
+    "aten::add_": _ADD,
+    "aten::sub": _ADD,
+    "aten::rsub": _ADD,
+    "aten::mul": _SCALE,
+    "aten::mul_": _SCALE,
+    "aten::div": _SCALE,
+    "aten::div_": _SCALE,
+    "aten::neg": _SCALE,
+    "aten::gelu": _ACT,
+    "aten::silu": _ACT,
+    "aten::sigmoid": _ACT,
+    "aten::tanh": _ACT,
+    "aten::softmax": _ACT,
+    "aten::mean": _POOL,
+    "aten::sin": _TABLE,
+    "aten::cos": _TABLE,
+    "aten::pow": _TABLE,
+    "aten::reciprocal": _TABLE,
+    "aten::meshgrid": _TABLE,
+    "aten::pad": _MEM,
+    "aten::bernoulli_": _MEM,
+    "aten::feature_dropout": _MEM,
+    "aten::alias": _MEM,
+    "aten::lift_fresh": _MEM,
+}
+"""Operators counted as 0 FLOPs on purpose. fvcore's own ``_IGNORED_OPS`` (reshapes, copies,
+``cat``, ``dropout``, ``relu``, ...) are ignored before these are looked at."""
+
+
+# --- shapes of jit values ---------------------------------------------------------------------------
+
+def _shape(value: Any) -> list[int] | None:
+    """The sizes of a traced tensor value, ``None`` when unknown or not a tensor (``None`` args)."""
+    try:
+        return value.type().sizes() if value.isCompleteTensor() else None
+    except RuntimeError:
+        return None
+
+
+def sdpa_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::scaled_dot_product_attention(q, k, v, ...)``: q·kᵀ and attn·v multiply-adds."""
+    q, k, v = (_shape(x) for x in inputs[:3])
+    rows = prod(q[:-1])  # B·h·Nq (any leading dims)
+    nk = k[-2]
+    return rows * nk * q[-1] + rows * nk * v[-1]
+
+
+def sdpa_activations(inputs: list[Any], outputs: list[Any]) -> int:
+    """The attention matrix (B·h·Nq·Nk) plus the output, as the two unfused matmuls produce."""
+    q, k = _shape(inputs[0]), _shape(inputs[1])
+    return prod(q[:-1]) * k[-2] + prod(_shape(outputs[0]))
+
+
+def rms_norm_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::rms_norm(input, normalized_shape, weight, eps)``: 4 per element with weight, 3 without."""
+    has_weight = len(inputs) > 2 and _shape(inputs[2]) is not None
+    return prod(_shape(inputs[0])) * (4 if has_weight else 3)
+
+
+def _per_output(scale: int) -> Callable[[list[Any], list[Any]], int]:
+    def handle(inputs: list[Any], outputs: list[Any]) -> int:
+        return scale * prod(_shape(outputs[0]))
+
+    return handle
+
+
+EXTRA_FLOP_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
+    "aten::scaled_dot_product_attention": sdpa_flops,
+    "aten::rms_norm": rms_norm_flops,
+    "aten::upsample_bicubic2d": _per_output(16),
+    "aten::_upsample_bicubic2d_aa": _per_output(16),
+}
+"""Multiply-add handles for operators plain fvcore leaves unsupported."""
+
+EXTRA_ACTIVATION_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
+    "aten::scaled_dot_product_attention": sdpa_activations,
+}
+
+NORM_OPS = frozenset({"aten::layer_norm", "aten::group_norm", "aten::instance_norm", "aten::batch_norm", "aten::rms_norm"})
+"""Operators ``torch.utils.flop_counter.FlopCounterMode`` does not count (its known difference)."""
+
+
+def flop_handles() -> dict[str, Callable]:
+    """fvcore's default FLOP handles plus vitlab's (imports fvcore)."""
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
+
+    return {**_DEFAULT_SUPPORTED_OPS, **EXTRA_FLOP_HANDLES}
+
+
+def activation_handles() -> dict[str, Callable]:
+    """fvcore's default activation handles (``ActivationCountAnalysis``) plus vitlab's."""
+    from fvcore.nn.activation_count import _DEFAULT_SUPPORTED_OPS
+
+    return {**_DEFAULT_SUPPORTED_OPS, **EXTRA_ACTIVATION_HANDLES}
+
+
+# Keys of the combined counters below: one trace yields FLOPs, activations and free-op tallies.
+FLOPS, ACTS, FREE = "flops", "acts", "free"
+
+
+def combined_handles() -> dict[str, Callable[[list[Any], list[Any]], Counter]]:
+    """One handle per operator returning ``Counter({(FLOPS, op): n, (ACTS, op): n, (FREE, op): 1})``.
+
+    fvcore's ``JitModelAnalysis`` sums these per module, so a single trace gives FLOPs
+    (as ``FlopCountAnalysis``), activations (as ``ActivationCountAnalysis``) and how often each
+    free operator ran. fvcore drops zero entries from its counters, which is what we want.
+    """
+    fl, ac = flop_handles(), activation_handles()
+    out: dict[str, Callable] = {}
+    for op in set(fl) | set(ac) | set(FREE_OPS):
+        out[op] = _combine(op, fl.get(op), ac.get(op), op in FREE_OPS)
+    return out
+
+
+def _number(x: Any) -> Any:
+    """fvcore handles may return a number or a Counter ({"conv": n}); we only want the number."""
+    if isinstance(x, Counter) or isinstance(x, dict):
+        return sum(x.values())
+    return x
+
+
+def _combine(op: str, flop: Callable | None, act: Callable | None, free: bool) -> Callable:
+    def handle(inputs: list[Any], outputs: list[Any]) -> Counter:
+        c: Counter = Counter()
+        if flop is not None:
+            c[(FLOPS, op)] = _number(flop(inputs, outputs))
+        if act is not None:
+            c[(ACTS, op)] = _number(act(inputs, outputs))
+        if free:
+            c[(FREE, op)] = 1
+        return c
+
+    return handle

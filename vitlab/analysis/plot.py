@@ -1,0 +1,126 @@
+"""The comparison picture: FLOPs against parameters (each variant labelled) and a stacked bar of
+each variant's FLOPs by component kind. matplotlib is imported on use, with the Agg backend."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .report import KIND_KEYS, Report
+
+# colour-blind-safe (Okabe-Ito), one per kind in KIND_KEYS order
+_COLOURS = {
+    "patch_embed": "#E69F00", "pos_embed": "#56B4E9", "attention": "#0072B2", "mlp": "#009E73",
+    "norm": "#F0E442", "pool": "#CC79A7", "head": "#D55E00", "other": "#999999",
+}
+
+
+def short_labels(names: Sequence[str]) -> list[str]:
+    """Drop what every name shares: ``vit_tiny[depth=6]``, ``vit_tiny[depth=12]`` -> ``depth=6``, ``depth=12``."""
+    if len(names) > 1 and all("[" in n and n.endswith("]") for n in names):
+        stems = {n.split("[", 1)[0] for n in names}
+        if len(stems) == 1:
+            return [n.split("[", 1)[1][:-1] for n in names]
+    return list(names)
+
+
+def _groups(xs: Sequence[float], ys: Sequence[float], tol: float = 0.015) -> list[list[int]]:
+    """Indices of points that sit on top of each other (within ``tol`` of the data range)."""
+    dx = (max(xs) - min(xs)) or 1.0
+    dy = (max(ys) - min(ys)) or 1.0
+    groups: list[list[int]] = []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        for g in groups:
+            j = g[0]
+            if abs(xs[j] - x) <= tol * dx and abs(ys[j] - y) <= tol * dy:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def comparison_figure(reports: Sequence[Report], baseline: str | None = None):
+    """A matplotlib Figure: on top GFLOPs against M params, below GFLOPs by kind per variant."""
+    import matplotlib
+
+    if matplotlib.get_backend().lower() != "agg":
+        matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    n = len(reports)
+    names = [r.name for r in reports]
+    labels = short_labels(names)
+    common = names[0].split("[", 1)[0] if labels != names else None
+    # names on the scatter when they are few and short, numbers (keyed by the bar chart) otherwise
+    numbered = n > 8 or max(len(s) for s in labels) > 30
+    bar_h = 0.32 * n + 1.3
+    fig = plt.figure(figsize=(11, 5.0 + bar_h), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[4.6, bar_h], hspace=0.04)
+    ax1, ax2 = top.subplots(), bottom.subplots()
+
+    # top: FLOPs against params; points on top of each other share one label
+    xs = [r.params / 1e6 for r in reports]
+    ys = [r.flops / 1e9 for r in reports]
+    ax1.scatter(xs, ys, s=48, color="#0072B2", zorder=3, edgecolor="white", linewidth=0.8)
+    base = [i for i, r in enumerate(reports) if r.name == baseline][:1]
+    if base and n > 1:  # drawn on top, so a variant at the same point does not hide it
+        ax1.scatter([xs[base[0]]], [ys[base[0]]], s=60, color="#D55E00", zorder=5, edgecolor="white", linewidth=0.8)
+    for g in _groups(xs, ys):
+        text = ", ".join(str(i + 1) if numbered else labels[i] for i in g)
+        if not numbered and len(g) > 1:
+            text = "\n".join(labels[i] for i in g)
+        ax1.annotate(text, (xs[g[0]], ys[g[0]]), xytext=(7, 0), textcoords="offset points", va="center",
+                     fontsize=8.5, zorder=4)
+    ax1.set_xlabel("parameters (M)")
+    ax1.set_ylabel("GFLOPs (fvcore: multiply-adds)")
+    ax1.set_title("FLOPs against parameters", fontsize=10.5)
+    ax1.grid(True, alpha=0.3, zorder=0)
+    ax1.margins(x=0.12 if numbered else 0.22, y=0.12)
+    sizes = sorted({f"{r.img_size[0]}x{r.img_size[1]} px" for r in reports})
+    batch = {r.batch_size for r in reports}
+    note = ", ".join(sizes) + (f", batch {next(iter(batch))}" if len(batch) == 1 else "")
+    if base and n > 1:
+        note += f"\nbaseline (orange): {base[0] + 1 if numbered else labels[base[0]]}"
+    ax1.text(0.01, 0.98, note, transform=ax1.transAxes, va="top", ha="left", fontsize=8, color="#555555")
+
+    # below: stacked bars by kind, first variant on top (kinds that are zero everywhere left out)
+    kinds = [k for k in KIND_KEYS if any(r.by_kind.get(k, 0) for r in reports)]
+    ypos = list(range(n))[::-1]
+    left = [0.0] * n
+    for kind in kinds:
+        vals = [r.by_kind.get(kind, 0) / 1e9 for r in reports]
+        ax2.barh(ypos, vals, left=left, color=_COLOURS[kind], label=kind, edgecolor="white", linewidth=0.5, height=0.7)
+        left = [a + b for a, b in zip(left, vals)]
+    ticks = [(f"{i + 1}. " if numbered else "") + lab + (" *" if r.derived else "")
+             for i, (lab, r) in enumerate(zip(labels, reports))]
+    ax2.set_yticks(ypos, ticks, fontsize=8.5 if n <= 24 else 7)
+    for y, total in zip(ypos, left):
+        ax2.text(total, y, f" {total:.3g}", va="center", fontsize=7.5, color="#333333")
+    ax2.set_xlabel("GFLOPs")
+    ax2.set_xlim(0, max(left) * 1.12 if max(left) > 0 else 1)
+    ax2.set_ylim(-0.6, n - 0.4)
+    ax2.set_title("FLOPs by component kind", fontsize=10.5, pad=22)
+    ax2.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(kinds), fontsize=8, frameon=False,
+               handlelength=1.2, columnspacing=1.2)
+    ax2.grid(True, axis="x", alpha=0.3)
+    ax2.set_axisbelow(True)
+
+    fig.suptitle("vitlab compare" + (f": {common}" if common else ""), fontsize=12)
+    if any(r.derived for r in reports):
+        fig.text(0.99, 0.005, "* derived: distinct blocks counted once and scaled", ha="right", fontsize=7.5, color="#555555")
+    return fig
+
+
+def save_comparison(reports: Sequence[Report], path: str | os.PathLike, baseline: str | None = None,
+                    force: bool = False) -> Path:
+    """Write the comparison PNG atomically (refusing an existing file unless ``force``)."""
+    from ..fileio import atomic_write
+
+    fig = comparison_figure(reports, baseline)
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130), force=force)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

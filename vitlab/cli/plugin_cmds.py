@@ -1,0 +1,112 @@
+"""Commands for plugin authors and editors: ``plugins``, ``new-plugin``, ``schema``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..component import KINDS
+from ..errors import VitlabError
+from . import cli
+from .spec_cmds import _console
+
+
+def _plugin_report() -> dict:
+    """Installed plugin distributions, what each registered, failures and disabled entry points."""
+    from .. import plugins as P
+
+    _, registry = P.make_plugin_manager(strict=False)
+    disabled = P.disabled_plugins()
+    skipped = []
+    for ep in P._entry_points():
+        if P._is_disabled(ep, disabled):
+            skipped.append({
+                "name": ep.name, "distribution": ep.dist.name if ep.dist is not None else "?",
+                "version": ep.dist.version if ep.dist is not None else "?", "value": ep.value,
+            })
+    return {
+        "plugins": [
+            {"name": p.name, "distribution": p.distribution, "version": p.version, "value": p.value,
+             "components": [{"kind": k, "name": n} for k, n in p.components]}
+            for p in sorted(registry.plugins, key=lambda p: (p.distribution, p.name))
+        ],
+        "failures": [{"name": f.name, "distribution": f.distribution, "reason": f.reason} for f in registry.failures],
+        "disabled": skipped,
+        "builtin_components": sum(1 for c in registry.components() if c.provider == P.BUILTIN),
+    }
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def plugins_cmd(as_json: bool) -> None:
+    """Installed plugin distributions, their versions, what each registers, and any that failed
+    to load (with the reason). VITLAB_DISABLE_PLUGINS=1 or =name,... skips plugins."""
+    report = _plugin_report()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.table import Table
+
+    console = _console()
+    if report["plugins"]:
+        table = Table(title="vitlab plugins")
+        for col in ("distribution", "version", "entry point", "components registered"):
+            table.add_column(col, overflow="fold")
+        for p in report["plugins"]:
+            comps = ", ".join(f"{c['kind']} {c['name']}" for c in p["components"]) or "(none)"
+            table.add_row(p["distribution"], p["version"], f"{p['name']} = {p['value']}", comps)
+        console.print(table)
+    else:
+        console.print("no external plugins loaded")
+    console.print(f"built-in: vitlab ({report['builtin_components']} components)")
+    if report["disabled"]:
+        names = ", ".join(f"{d['distribution']} ({d['name']})" for d in report["disabled"])
+        console.print(f"disabled by VITLAB_DISABLE_PLUGINS: {names}")
+    if report["failures"]:
+        table = Table(title="plugins that failed to load", title_style="bold red")
+        for col in ("entry point", "distribution", "reason"):
+            table.add_column(col, overflow="fold")
+        for f in report["failures"]:
+            table.add_row(f["name"], f["distribution"], f["reason"])
+        console.print(table)
+
+
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option("--kind", "-k", required=True, type=click.Choice(KINDS), help="The component kind the plugin provides.")
+@click.option("--output", "-o", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory to create (default: ./NAME). Must not exist or be empty.")
+def new_plugin(name: str, kind: str, output: Path | None) -> None:
+    """Scaffold a plugin package (distribution vitlab-NAME) providing a KIND named NAME: entry
+    point, component skeleton with Params, a recipe and a test that pass as generated."""
+    from ..scaffold import PluginNames, scaffold
+
+    written = scaffold(name, kind, output)
+    n = PluginNames.of(name, kind)
+    root = output if output is not None else Path(name)
+    click.echo(f"created {n.dist} in {root}/ ({kind} '{n.component}', entry point {n.entry_point} = {n.module})")
+    for path in written:
+        click.echo(f"  {path.relative_to(root).as_posix()}")
+    click.echo("next:")
+    click.echo(f"  pip install -e {root}")
+    click.echo(f"  pytest {root}")
+
+
+@cli.command("schema")
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to FILE instead of stdout.")
+def schema_cmd(output: Path | None) -> None:
+    """JSON Schema (draft 2020-12) of the recipe format with every installed component's params,
+    selected by name, for editors that complete YAML."""
+    from ..schema import recipe_schema
+
+    text = json.dumps(recipe_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise VitlabError(f"cannot write {output}: {exc.strerror or exc}") from None
+    click.echo(f"wrote {output}", err=True)

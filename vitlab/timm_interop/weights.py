@@ -1,0 +1,361 @@
+"""timm weights -> a vitlab model: rename, split fused projections, adapt prefix tokens, resample
+position tables, and report what did and did not fit.
+
+The whole conversion is planned from shapes first; nothing is copied until the plan is complete
+and (with ``strict=True``) free of problems, so a failed load leaves the model untouched.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import WeightsError
+from .sources import Source, open_source
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class LoadReport:
+    """What a load did, by the model's (vitlab) parameter names.
+
+    ``loaded``: copied as stored (possibly renamed); ``converted``: built from split, fused,
+    reshaped, folded or zero-filled checkpoint tensors; ``resampled``: position tables brought to
+    the model's patch grid; ``missing``: model tensors the checkpoint has nothing for (left as they
+    were); ``unexpected``: checkpoint tensors nothing in the model takes; ``mismatched``:
+    ``(model key, checkpoint shape, model shape)``; ``notes``: one line per adaptation.
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    converted: list[str] = field(default_factory=list)
+    resampled: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, Shape, Shape]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape_mismatches(self) -> list[tuple[str, Shape, Shape]]:
+        return self.mismatched
+
+    @property
+    def ok(self) -> bool:
+        """Everything fitted: nothing missing, unexpected or of the wrong shape."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    @property
+    def problems(self) -> list[str]:
+        out = [f"missing: {k}" for k in self.missing]
+        out += [f"unexpected: {k}" for k in self.unexpected]
+        out += [f"shape mismatch: {k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched]
+        return out
+
+    def summary(self) -> str:
+        return (f"loaded {len(self.loaded)}, converted {len(self.converted)}, resampled {len(self.resampled)}, "
+                f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+                f"shape mismatches {len(self.mismatched)}")
+
+    def lines(self) -> list[str]:
+        return [self.summary(), *self.problems, *(f"note: {n}" for n in self.notes)]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+class _Plan:
+    """Model key -> how to produce its tensor from the source, filled from shapes only."""
+
+    def __init__(self, model, src: Source):
+        self.model = model
+        self.src = src
+        self.target = model.state_dict()  # detached tensors sharing the parameters' storage
+        self.steps: dict[str, Callable[[], torch.Tensor]] = {}
+        self.report = LoadReport()
+        self.used: set[str] = set()
+        self._status: dict[str, str] = {}
+        self.unplaced: list[str] = []  # checkpoint tensors (or parts) planned for keys the model lacks
+        self.fallback_zeros: list[tuple[str, str]] = []  # zero-filled when nothing else provides them
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def put(self, tkey: str, fn: Callable[[], torch.Tensor], shape: Shape, status: str, *skeys: str,
+            note: str | None = None) -> bool:
+        """Plan ``tkey`` from ``fn`` (whose result has ``shape``), consuming ``skeys``."""
+        if tkey not in self.target or tkey in self._status:
+            # no place for (this part of) the checkpoint tensors: unexpected, never silently dropped
+            self.unplaced.extend(f"{k} (as {tkey})" for k in skeys)
+            return False
+        self.used.update(skeys)
+        want = tuple(self.target[tkey].shape)
+        if tuple(shape) != want:
+            self.report.mismatched.append((tkey, tuple(shape), want))
+            self._status[tkey] = "mismatched"
+            return False
+        self.steps[tkey] = fn
+        self._status[tkey] = status
+        if note:
+            self.report.notes.append(f"{tkey}: {note}")
+        return True
+
+    def direct(self, tkey: str, skey: str) -> bool:
+        src = self.src
+        return self.put(tkey, lambda: src.get(skey), src.shape(skey), "loaded", skey)
+
+    def zeros(self, tkey: str, why: str) -> None:
+        if tkey in self.target and tkey not in self._status:
+            t = self.target[tkey]
+            self.put(tkey, lambda: torch.zeros_like(t), tuple(t.shape), "converted", note=f"zeros ({why})")
+
+    # --- the rules ----------------------------------------------------------------------------
+
+    def build(self) -> LoadReport:
+        self.positions()
+        self.blocks()
+        self.patch_embed()
+        self.renamed()
+        for tkey, why in self.fallback_zeros:
+            if tkey not in self._status:
+                self.zeros(tkey, why)
+        rep = self.report
+        for key in self.target:
+            status = self._status.get(key)
+            if status is None:
+                rep.missing.append(key)
+            elif status != "mismatched":
+                getattr(rep, status).append(key)
+        unplaced = [u for u in self.unplaced if u.split(" ", 1)[0] in self.used]  # parts of used tensors
+        rep.unexpected = [k for k in self.src.keys() if k not in self.used] + unplaced
+        return rep
+
+    def positions(self) -> None:
+        """The learned position table, and class / register tokens whose prefix rows move."""
+        from ..components.pos_embed import LearnedPosEmbed, resample_grid
+
+        src, model = self.src, self.model
+        if "pos_embed" not in src:
+            return
+        pe_mod = model.pos_embed
+        if not isinstance(pe_mod, LearnedPosEmbed):
+            self.report.notes.append(f"pos_embed: not loaded, the model's position encoding is "
+                                     f"'{model.spec.pos_embed.name}' (no learned table)")
+            return
+        self.used.add("pos_embed")
+        shape = src.shape("pos_embed")
+        tkey = "pos_embed.weight"
+        want = tuple(self.target[tkey].shape)
+        if len(shape) != 3 or shape[0] != 1 or shape[2] != want[2]:
+            self.report.mismatched.append((tkey, shape, want))
+            self._status[tkey] = "mismatched"
+            return
+        s_cls = "cls_token" in src
+        s_reg = src.shape("reg_token")[1] if "reg_token" in src and len(src.shape("reg_token")) == 3 else 0
+        t_cls, t_reg = model.cls_token is not None, model.spec.reg_tokens
+        grid = tuple(model.grid_size)
+        L, D = shape[1], shape[2]
+        layout = src.pos_layout or self._infer_layout(L, int(s_cls) + s_reg, grid)
+        if layout is None:
+            self.report.mismatched.append((tkey, shape, want))
+            self._status[tkey] = "mismatched"
+            self.report.notes.append(f"{tkey}: cannot tell the checkpoint's patch grid from {L} rows")
+            return
+        s_rows, s_grid = layout
+        t_rows = pe_mod.num_prefix
+        notes = []
+        if tuple(s_grid) != grid:
+            notes.append(f"patch grid {s_grid[0]}x{s_grid[1]} -> {grid[0]}x{grid[1]} (bicubic, as timm)")
+        same_prefix = s_rows == t_rows and (not t_rows or (s_cls == t_cls and s_reg == t_reg))
+        if t_rows:
+            if t_cls and not (s_rows and s_cls):
+                notes.append("class-token row zero (the checkpoint embeds no position for it)")
+            if t_reg and not (s_rows and s_reg == t_reg):
+                notes.append(f"{t_reg} register-token rows zero (the checkpoint has {s_reg if s_rows else 0})")
+        if s_rows and not t_rows:
+            notes.append(f"{s_rows} prefix-token rows folded into the tokens (the model embeds patches only)")
+        elif s_rows and t_rows and (s_cls != t_cls or s_reg != t_reg):
+            notes.append("checkpoint prefix rows without a matching model token dropped")
+
+        def table() -> torch.Tensor:
+            pe = src.get("pos_embed")
+            patches = resample_grid(pe[:, s_rows:], tuple(s_grid), grid)
+            rows = []
+            if t_rows:
+                if t_cls:
+                    rows.append(pe[:, :1] if s_rows and s_cls else pe.new_zeros(1, 1, D))
+                if t_reg:
+                    start = int(s_cls)
+                    rows.append(pe[:, start:start + t_reg] if s_rows and s_reg == t_reg else pe.new_zeros(1, t_reg, D))
+            return torch.cat(rows + [patches], dim=1) if rows else patches
+
+        status = "resampled" if tuple(s_grid) != grid else ("loaded" if same_prefix else "converted")
+        self.put(tkey, table, (1, t_rows + grid[0] * grid[1], D), status, note="; ".join(notes) or None)
+
+        if s_rows and not t_rows:  # fold each token's own position row into the token
+            if t_cls and s_cls and "cls_token" in src:
+                self.put("cls_token", lambda: src.get("cls_token") + src.get("pos_embed")[:, :1],
+                         src.shape("cls_token"), "converted", "cls_token", note="plus its position row")
+            if t_reg and s_reg == t_reg and "reg_token" in src:
+                start = int(s_cls)
+                self.put("reg_token", lambda: src.get("reg_token") + src.get("pos_embed")[:, start:start + s_reg],
+                         src.shape("reg_token"), "converted", "reg_token", note="plus their position rows")
+
+    @staticmethod
+    def _infer_layout(L: int, prefix: int, grid: tuple[int, int]):
+        candidates = [prefix, 0] if prefix else [0]
+        for c in candidates:  # the model's own grid first
+            if L - c == grid[0] * grid[1]:
+                return c, grid
+        for c in candidates:
+            n = L - c
+            r = math.isqrt(max(n, 0))
+            if n > 0 and r * r == n:
+                return c, (r, r)
+        return None
+
+    def blocks(self) -> None:
+        src, tgt = self.src, self.target
+        indices = sorted({int(m.group(1)) for k in src.keys() if (m := re.match(r"blocks\.(\d+)\.", k))})
+        for i in indices:
+            p = f"blocks.{i}."
+            if p + "in_proj.weight" in src:
+                self._parallel(p)
+            fc1 = p + "mlp.fc1.weight"
+            if fc1 in src and p + "mlp.fc1_g.weight" in tgt and fc1 not in tgt:
+                self._packed_swiglu(p)
+
+    def _split_rows(self, skey: str, parts: list[tuple[str, int]], note: str) -> None:
+        """Rows of ``skey`` -> consecutive model tensors (``(key, rows)``; rows -1 = the rest)."""
+        src = self.src
+        shape = src.shape(skey)
+        total = shape[0]
+        sizes = [n for _, n in parts]
+        if -1 in sizes:
+            rest = total - sum(n for n in sizes if n != -1)
+            sizes = [rest if n == -1 else n for n in sizes]
+        if sum(sizes) != total or any(n <= 0 for n in sizes):
+            for tkey, _ in parts:
+                if tkey in self.target:
+                    self.report.mismatched.append((tkey, shape, tuple(self.target[tkey].shape)))
+                    self._status[tkey] = "mismatched"
+            self.used.add(skey)
+            return
+        start = 0
+        for (tkey, _), n in zip(parts, sizes):
+            a, b = start, start + n
+            self.put(tkey, lambda a=a, b=b: src.get(skey)[a:b], (n,) + tuple(shape[1:]), "converted", skey, note=note)
+            start = b
+
+    def _parallel(self, p: str) -> None:
+        """timm ParallelScalingBlock: in_proj = [mlp fc1 | q | k | v], out_proj = [attn proj | mlp fc2]."""
+        src, tgt = self.src, self.target
+        D = self.model.spec.embed_dim
+        note = "split from ParallelScalingBlock's fused projection"
+        # in_proj rows: mlp hidden first, then q, k, v
+        self._split_rows(p + "in_proj.weight", [(p + "mlp.fc1.weight", -1), (p + "attn.qkv.weight", 3 * D)], note)
+        if p + "in_proj.bias" in src:
+            self._split_rows(p + "in_proj.bias", [(p + "mlp.fc1.bias", -1), (p + "attn.qkv.bias", 3 * D)], note)
+        if p + "ls.gamma" in src:
+            for tkey in (p + "ls1.gamma", p + "ls2.gamma"):
+                self.put(tkey, lambda: src.get(p + "ls.gamma"), src.shape(p + "ls.gamma"), "converted",
+                         p + "ls.gamma", note="ParallelScalingBlock's one layer scale serves both branches")
+        if p + "out_proj.weight" in src:
+            skey = p + "out_proj.weight"
+            shape = src.shape(skey)
+            if len(shape) == 2 and shape[1] > D:
+                self.put(p + "attn.proj.weight", lambda: src.get(skey)[:, :D], (shape[0], D), "converted", skey,
+                         note="split from the fused out_proj")
+                self.put(p + "mlp.fc2.weight", lambda: src.get(skey)[:, D:], (shape[0], shape[1] - D), "converted",
+                         skey, note="split from the fused out_proj")
+            if p + "out_proj.bias" in src:
+                bkey = p + "out_proj.bias"
+                # y = W_a a + W_m m + b: the bias goes to one of the two, the other gets zeros
+                dest = p + "attn.proj.bias" if p + "attn.proj.bias" in tgt else p + "mlp.fc2.bias"
+                self.put(dest, lambda: src.get(bkey), src.shape(bkey), "converted", bkey,
+                         note="the fused out_proj's bias")
+        self.fallback_zeros.append((p + "mlp.fc2.bias", "the checkpoint's ParallelScalingBlock has no MLP output bias"))
+
+    def _packed_swiglu(self, p: str) -> None:
+        """timm SwiGLUPacked: fc1 rows = [gate (activated) | value]."""
+        note = "split from SwiGLUPacked's fc1 (first half gates)"
+        for kind in ("weight", "bias"):
+            skey = p + "mlp.fc1." + kind
+            if skey in self.src:
+                half = self.src.shape(skey)[0] // 2
+                self._split_rows(skey, [(p + "mlp.fc1_g." + kind, half), (p + "mlp.fc1_x." + kind, -1)], note)
+
+    def patch_embed(self) -> None:
+        src = self.src
+        skey = tkey = "patch_embed.proj.weight"
+        if skey not in src or tkey not in self.target or tkey in self._status:
+            return
+        want = tuple(self.target[tkey].shape)
+        shape = src.shape(skey)
+        if len(want) == 2 and len(shape) == 4 and want == (shape[0], math.prod(shape[1:])):
+            # the linear embedder flattens patches in the conv kernel's (C, ph, pw) order
+            self.put(tkey, lambda: src.get(skey).reshape(want), shape[:1] + (want[1],), "converted", skey,
+                     note="conv kernel flattened for the linear patch embedder")
+
+    def renamed(self) -> None:
+        """Every other checkpoint tensor under its (renamed) model key."""
+        tgt, src = self.target, self.src
+        fc_norm_to = None
+        if "pool.norm.weight" in tgt:
+            fc_norm_to = "pool.norm."
+        elif "norm.weight" in tgt and "norm.weight" not in src and self.model.spec.pool.name in ("token", "none"):
+            fc_norm_to = "norm."  # a per-token norm after taking tokens is a final norm
+        psb = {"in_norm.": "norm1.", "q_norm.": "attn.q_norm.", "k_norm.": "attn.k_norm.",
+               "attn_out_proj.": "attn.proj.", "mlp_out_proj.": "mlp.fc2.", "mlp_bias": "mlp.fc1.bias"}
+        for skey in src.keys():
+            if skey in self.used:
+                continue
+            tkey = skey
+            if skey.startswith("fc_norm.") and fc_norm_to:
+                tkey = fc_norm_to + skey[len("fc_norm."):]
+            elif skey.startswith("attn_pool."):
+                tkey = "pool." + skey[len("attn_pool."):]
+            elif m := re.match(r"(blocks\.\d+\.)(.*)$", skey):
+                head, rest = m.groups()
+                for old, new in psb.items():
+                    if rest.startswith(old) and head + "in_proj.weight" in src:
+                        tkey = head + new + rest[len(old):]
+                        break
+            if tkey in tgt and tkey not in self._status:
+                self.direct(tkey, skey)
+
+
+def plan_load(model, src: Source) -> tuple[_Plan, LoadReport]:
+    plan = _Plan(model, src)
+    return plan, plan.build()
+
+
+def load_timm_weights(model, source: Any, strict: bool = True) -> LoadReport:
+    """Load timm weights into a vitlab model.
+
+    Args:
+        model: a vitlab ``VisionTransformer``.
+        source: a timm model, a state dict (timm names), or a local ``.safetensors`` /
+            ``.pth`` / ``.pt`` / ``.bin`` file (pickles are read with ``weights_only=True``).
+        strict: raise ``WeightsError`` (with the report) when anything is missing, unexpected
+            or of the wrong shape, before copying anything; ``False`` loads what fits.
+
+    Returns:
+        A ``LoadReport`` of what was loaded, converted, resampled, missing, unexpected or mismatched.
+    """
+    from ..model import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"load_timm_weights loads into a vitlab VisionTransformer, got {type(model).__name__}")
+    with open_source(source) as src:
+        plan, report = plan_load(model, src)
+        if strict and not report.ok:
+            raise WeightsError(
+                f"{src.label}: checkpoint does not fit the model '{model.spec.name}' (nothing was loaded):\n"
+                + "\n".join(report.lines())
+            )
+        with torch.no_grad():
+            for tkey, fn in plan.steps.items():
+                plan.target[tkey].copy_(fn())
+    return report
