@@ -317,6 +317,15 @@ def test_real_weights_fallback(monkeypatch, limit, method):
     assert _without_method(report.to_dict()) == _without_method(reference.to_dict())
 
 
+def test_full_count_refused_when_too_big_for_real_weights(monkeypatch):
+    import vitlab.analysis as analysis
+
+    monkeypatch.setattr(count_mod, "meta_convolutions", _no_meta_convolutions)
+    monkeypatch.setattr(analysis, "REAL_WEIGHTS_LIMIT", 0)
+    with pytest.raises(VitlabError, match="derived"):
+        analyze("vit_tiny_patch16_224", overrides={"depth": 1}, method="full")
+
+
 # --- ViT-22B ---------------------------------------------------------------------------------------------------
 
 def _vit22b_params(D=6144, depth=48, p=14, hd=128, classes=1000) -> int:

@@ -74,6 +74,7 @@ def analyze(
 # --- recipes: built on meta ---------------------------------------------------------------------------
 
 def _analyze_spec(source, img_size, batch_size, method, overrides, name, second_opinion) -> Report:
+    from ..errors import VitlabError
     from ..model import build_model
     from ..recipes import load_spec, parse_override
     from ..spec import ViTSpec
@@ -102,7 +103,13 @@ def _analyze_spec(source, img_size, batch_size, method, overrides, name, second_
     except Exception as exc:  # a component that cannot run on meta tensors: real (zero) weights
         log.info("meta-device count of %s failed (%s: %s); counting with real weights", spec.name, type(exc).__name__, exc)
         model = build_model(spec, device="meta").eval()  # fresh: a failed trace leaves hooks behind
-        big = weight_bytes(model) > REAL_WEIGHTS_LIMIT
+        size = weight_bytes(model)
+        big = size > REAL_WEIGHTS_LIMIT
+        if method == "full" and big:
+            raise VitlabError(
+                f"{spec.name} cannot be counted on meta tensors ({type(exc).__name__}: {exc}) and a full count "
+                f"would need {size / 2**30:.1f} GiB of weights; use method 'derived' (or 'auto')"
+            ) from None
         use_derived = method == "derived" or (method == "auto" and big)
         images = torch.zeros(batch_size, spec.in_chans, H, W)
         if use_derived:

@@ -208,9 +208,6 @@ def emit_rows(rows: Sequence[dict[str, Any]], reports: Sequence, fmt: str, outpu
     foot = f"Δ against {base}; FLOPs in fvcore's convention (1 per multiply-add)"
     if any(rep.derived for rep in reports):
         foot += "; * derived from distinct blocks"
-    if fmt == "md":
-        write(to_markdown(header, body) + f"\n{foot}\n", output, force)
-        return
     from rich.table import Table
     from rich.text import Text
 
@@ -219,4 +216,9 @@ def emit_rows(rows: Sequence[dict[str, Any]], reports: Sequence, fmt: str, outpu
         table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
     for line in body:
         table.add_row(*(Text(str(v)) for v in line))
+    if fmt == "md":
+        write(to_markdown(header, body) + f"\n{foot}\n", output, force)
+        if output is not None:  # the file is for keeping; the terminal still gets the table
+            render(table)
+        return
     render(table, output=output, force=force)
