@@ -30,3 +30,20 @@ def vitlab_register_components(register: Callable[[type], None]) -> None:
 
     Returns nothing; called once per plugin when the registry is built.
     """
+
+
+@hookspec
+def vitlab_flop_handles(register: Callable[..., None]) -> None:
+    """Declare how FLOP reports count the TorchScript operators your components emit.
+
+    Args:
+        register: ``register(op, *, flops=None, activations=None, free=None)`` once per operator:
+            ``op`` is the traced name (``"aten::elu"``); ``flops`` and ``activations`` are fvcore
+            handles ``(inputs, outputs) -> int`` (multiply-adds, one per fused multiply-add, and
+            output elements); ``free`` is the reason an operator costs nothing (``"activation"``).
+            Operators fvcore already counts (linear, matmul, einsum, conv, bmm, layer_norm) need
+            nothing. An operator declared by two plugins is an error naming both.
+
+    Returns nothing; called once per plugin when the registry is built. An operator that is
+    neither counted nor free shows up in a report's ``unsupported`` list.
+    """

@@ -101,20 +101,24 @@ def make_plugin_manager(
         raise PluginError(f"plugin '{exc.plugin}' implements an unknown hook: {exc}") from None
 
     infos = {p.name: p for p in registry.plugins}
-    # registration order: built-ins first, so a duplicate names the built-in as the first provider
-    for impl in pm.hook.vitlab_register_components.get_hookimpls():
-        name = impl.plugin_name
-        info = infos.get(name)
-        provider = BUILTIN if name == BUILTIN else (info.distribution if info and info.distribution != name else name)
-        register = functools.partial(_register_one, registry, provider, info)
-        try:
-            impl.function(register=register)
-        except PluginError as exc:
-            if strict:
-                raise
-            registry.failures.append(PluginFailure(name, info.distribution if info else name, str(exc)))
-        except Exception as exc:
-            fail(name, info.distribution if info else name, f"vitlab_register_components raised {type(exc).__name__}: {exc}")
+    hooks = (
+        (pm.hook.vitlab_register_components, lambda provider, info: functools.partial(_register_one, registry, provider, info)),
+        (pm.hook.vitlab_flop_handles, lambda provider, info: functools.partial(registry.register_op, provider=provider)),
+    )
+    for hook, make_register in hooks:
+        # registration order: built-ins first, so a duplicate names the built-in as the first provider
+        for impl in hook.get_hookimpls():
+            name = impl.plugin_name
+            info = infos.get(name)
+            provider = BUILTIN if name == BUILTIN else (info.distribution if info and info.distribution != name else name)
+            try:
+                impl.function(register=make_register(provider, info))
+            except PluginError as exc:
+                if strict:
+                    raise
+                registry.failures.append(PluginFailure(name, info.distribution if info else name, str(exc)))
+            except Exception as exc:
+                fail(name, info.distribution if info else name, f"{hook.name} raised {type(exc).__name__}: {exc}")
     return pm, registry
 
 

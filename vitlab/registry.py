@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .component import KIND_BASES, KINDS, Component
 from .errors import PluginError, known, unknown_choice
@@ -41,6 +41,17 @@ class ComponentInfo:
 
 
 @dataclass(frozen=True)
+class OpRule:
+    """How FLOP reports count one traced operator (see ``vitlab_flop_handles``)."""
+
+    op: str
+    provider: str
+    flops: Callable[[list, list], int] | None = None
+    activations: Callable[[list, list], int] | None = None
+    free: str | None = None
+
+
+@dataclass(frozen=True)
 class PluginFailure:
     """A plugin that could not be loaded or whose hook raised."""
 
@@ -67,6 +78,23 @@ class Registry:
         self._by_kind: dict[str, dict[str, ComponentInfo]] = {k: {} for k in KINDS}
         self.plugins: list[PluginInfo] = []
         self.failures: list[PluginFailure] = []
+        self.op_rules: dict[str, OpRule] = {}
+
+    def register_op(self, op: str, provider: str, *, flops=None, activations=None, free: str | None = None) -> OpRule:
+        """Declare how an operator is counted; a second declaration of ``op`` names both providers."""
+        if not isinstance(op, str) or "::" not in op:
+            raise PluginError(f"plugin '{provider}' declared FLOPs for {op!r}; expected a traced name like 'aten::elu'")
+        if flops is None and activations is None and not free:
+            raise PluginError(f"plugin '{provider}' declared {op} with neither a handle nor a reason it is free")
+        for handle in (flops, activations):
+            if handle is not None and not callable(handle):
+                raise PluginError(f"plugin '{provider}' declared {op} with a handle that is not callable: {handle!r}")
+        existing = self.op_rules.get(op)
+        if existing is not None:
+            raise PluginError(f"FLOPs of {op} are declared twice: by '{existing.provider}' and by '{provider}'")
+        rule = OpRule(op, provider, flops, activations, free)
+        self.op_rules[op] = rule
+        return rule
 
     def register(self, cls: Any, provider: str) -> ComponentInfo:
         if not (isinstance(cls, type) and issubclass(cls, Component)):

@@ -124,35 +124,51 @@ NORM_OPS = frozenset({"aten::layer_norm", "aten::group_norm", "aten::instance_no
 """Operators ``torch.utils.flop_counter.FlopCounterMode`` does not count (its known difference)."""
 
 
-def flop_handles() -> dict[str, Callable]:
-    """fvcore's default FLOP handles plus vitlab's (imports fvcore)."""
+def _op_rules(registry=None) -> dict:
+    """Operator rules declared through ``vitlab_flop_handles`` (built-ins and plugins alike)."""
+    if registry is None:
+        from ..plugins import get_registry
+
+        registry = get_registry()
+    return registry.op_rules
+
+
+def flop_handles(registry=None) -> dict[str, Callable]:
+    """fvcore's default FLOP handles plus those declared by vitlab and plugins (imports fvcore)."""
     from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
 
-    return {**_DEFAULT_SUPPORTED_OPS, **EXTRA_FLOP_HANDLES}
+    declared = {op: r.flops for op, r in _op_rules(registry).items() if r.flops is not None}
+    return {**_DEFAULT_SUPPORTED_OPS, **declared}
 
 
-def activation_handles() -> dict[str, Callable]:
-    """fvcore's default activation handles (``ActivationCountAnalysis``) plus vitlab's."""
+def activation_handles(registry=None) -> dict[str, Callable]:
+    """fvcore's default activation handles (``ActivationCountAnalysis``) plus declared ones."""
     from fvcore.nn.activation_count import _DEFAULT_SUPPORTED_OPS
 
-    return {**_DEFAULT_SUPPORTED_OPS, **EXTRA_ACTIVATION_HANDLES}
+    declared = {op: r.activations for op, r in _op_rules(registry).items() if r.activations is not None}
+    return {**_DEFAULT_SUPPORTED_OPS, **declared}
+
+
+def free_ops(registry=None) -> dict[str, str]:
+    """Operators counted as 0 on purpose, with the reason (``FREE_OPS`` plus plugins')."""
+    return {op: r.free for op, r in _op_rules(registry).items() if r.free}
 
 
 # Keys of the combined counters below: one trace yields FLOPs, activations and free-op tallies.
 FLOPS, ACTS, FREE = "flops", "acts", "free"
 
 
-def combined_handles() -> dict[str, Callable[[list[Any], list[Any]], Counter]]:
+def combined_handles(registry=None) -> dict[str, Callable[[list[Any], list[Any]], Counter]]:
     """One handle per operator returning ``Counter({(FLOPS, op): n, (ACTS, op): n, (FREE, op): 1})``.
 
     fvcore's ``JitModelAnalysis`` sums these per module, so a single trace gives FLOPs
     (as ``FlopCountAnalysis``), activations (as ``ActivationCountAnalysis``) and how often each
     free operator ran. fvcore drops zero entries from its counters, which is what we want.
     """
-    fl, ac = flop_handles(), activation_handles()
+    fl, ac, free = flop_handles(registry), activation_handles(registry), free_ops(registry)
     out: dict[str, Callable] = {}
-    for op in set(fl) | set(ac) | set(FREE_OPS):
-        out[op] = _combine(op, fl.get(op), ac.get(op), op in FREE_OPS)
+    for op in set(fl) | set(ac) | set(free):
+        out[op] = _combine(op, fl.get(op), ac.get(op), op in free)
     return out
 
 

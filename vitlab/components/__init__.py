@@ -12,3 +12,15 @@ def vitlab_register_components(register) -> None:
     for module in MODULES:
         for cls in module.COMPONENTS:
             register(cls)
+
+
+@hookimpl
+def vitlab_flop_handles(register) -> None:
+    """The operators built-ins emit that plain fvcore does not count (fused attention, RMSNorm,
+    bicubic resampling) and those that are free by convention; see ``vitlab.analysis.handles``."""
+    from ..analysis import handles
+
+    for op, flops in handles.EXTRA_FLOP_HANDLES.items():
+        register(op, flops=flops, activations=handles.EXTRA_ACTIVATION_HANDLES.get(op))
+    for op, reason in handles.FREE_OPS.items():
+        register(op, free=reason)

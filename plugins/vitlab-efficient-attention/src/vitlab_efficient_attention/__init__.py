@@ -30,18 +30,6 @@ from vitlab.layers import Linear
 __version__ = "0.1.0"
 
 
-def _declare_free_ops() -> None:
-    """FLOP reports: ``elu`` (the feature map) is elementwise, free by the convention that makes
-    activations free. vitlab reads ``vitlab.analysis.handles.FREE_OPS`` when it counts, so adding
-    the operator here, at import, is enough; without it the report would list it as unsupported."""
-    from vitlab.analysis import handles
-
-    handles.FREE_OPS.setdefault("aten::elu", "activation (linear attention's elu + 1 feature map): elementwise")
-
-
-_declare_free_ops()
-
-
 class _QKVAttention(vitlab.Attention):
     """Shared parts: the qkv and output projections, qk-norm, the position transform."""
 
@@ -205,6 +193,13 @@ COMPONENTS = (LinearAttention, WindowAttention)
 def vitlab_register_components(register) -> None:
     for cls in COMPONENTS:
         register(cls)
+
+
+@vitlab.hookimpl
+def vitlab_flop_handles(register) -> None:
+    """``elu`` (linear attention's feature map) is elementwise: free, like every activation.
+    Without this declaration FLOP reports would list it as unsupported."""
+    register("aten::elu", free="activation (linear attention's elu + 1 feature map): elementwise")
 
 
 __all__ = ["LinearAttention", "WindowAttention", "vitlab_register_components"]
