@@ -192,3 +192,19 @@ def test_python_m_vitlab_flops_smoke():
     bad = subprocess.run([sys.executable, "-m", "vitlab", "compare", TINY, "--sweep", "depth"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_shards_together_equal_the_whole_sweep():
+    """Array jobs: the shards' rows, merged, are the unsharded rows (baseline deltas included)."""
+    args = ["compare", "vit_tiny_patch16_224", "--sweep", "depth=1,2,3", "--sweep", "pos_embed.name=learned,none", "--format", "json"]
+    whole = json.loads(invoke(*args).output)
+    parts = [json.loads(invoke(*args, "--shard", f"{i}/3").output) for i in range(3)]
+    merged = sorted((r for p in parts for r in p), key=lambda r: r["name"])
+    assert [r["name"] for r in merged] == sorted(r["name"] for r in whole) and len(merged) == 6
+    assert merged == sorted(whole, key=lambda r: r["name"])
+
+
+@pytest.mark.parametrize("bad", ["2/2", "x/3", "1", "-1/2", "0/0"])
+def test_bad_shard_is_one_line_exit_2(bad):
+    res = CliRunner().invoke(cli, ["compare", "vit_tiny_patch16_224", "--shard", bad])
+    assert res.exit_code == 2 and "--shard" in res.output and "Traceback" not in res.output

@@ -64,9 +64,12 @@ def flops(recipe, img_size, batch_size, method, fmt, output, force, overrides) -
 @click.option("--baseline", default=None, metavar="NAME", help="Variant the changes are against (default: the first).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw FLOPs against params and a per-kind stacked bar to this PNG.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Count only variants I, I+N, I+2N, ... (0 <= I < N) of the expanded list, for array jobs; "
+                   "the baseline is counted in every shard so changes stay comparable.")
 @_common
 @set_option
-def compare(recipes, sweeps, baseline, plot, img_size, batch_size, method, fmt, output, force, overrides) -> None:
+def compare(recipes, sweeps, baseline, plot, shard, img_size, batch_size, method, fmt, output, force, overrides) -> None:
     """Compare RECIPES (and sweeps over them): FLOPs, params, tokens and the change against a baseline."""
     from ..analysis.compare import expand, parse_sweep, rows, run
     from ..fileio import check_writable
@@ -85,15 +88,33 @@ def compare(recipes, sweeps, baseline, plot, img_size, batch_size, method, fmt, 
     names = [v.name for v in variants]
     if baseline is not None and baseline not in names:  # before counting anything
         raise VitlabError(unknown_choice("baseline", baseline, dict.fromkeys(names), label="variants"))
-
+    baseline = baseline or names[0]
+    if shard is not None:
+        index, count = _parse_shard(shard)
+        mine = variants[index::count]
+        extra = [v for v in variants if v.name == baseline and v not in mine][:1]
+        variants = extra + mine  # the baseline first, only for the changes when not our own
     reports = _run_with_progress(variants, size, batch_size, method, run)
     table = rows(reports, baseline)
+    if shard is not None and extra:
+        table, reports = table[1:], reports[1:]
     emit_rows(table, reports, fmt, output, force)
     if plot is not None:
         from ..analysis.plot import save_comparison
 
         save_comparison(reports, plot, baseline=table[0]["baseline"], force=force)
         click.echo(f"wrote {plot}", err=True)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    i, sep, n = text.partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        index, count = -1, 0
+    if not sep or count < 1 or not 0 <= index < count:
+        raise VitlabError(f"--shard: expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return index, count
 
 
 def _run_with_progress(variants, size, batch_size, method, run):
