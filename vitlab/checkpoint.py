@@ -111,6 +111,8 @@ def load(path: str | os.PathLike, device: Any = None, dtype: Any = None):
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs spec {tuple(v.shape)}" for k, v in expected.items()
                   if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    mismatched += [f"{k}: file dtype {state[k].dtype}, not floating point" for k, v in expected.items()
+                   if k in state and v.is_floating_point() and not state[k].is_floating_point()]
     if missing or unexpected or mismatched:
         lines = [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
         lines += [f"shape mismatch: {m}" for m in mismatched]

@@ -11,7 +11,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .errors import PluginError
 from .layers import Linear
+from .plugins import BUILTIN
 from .registry import Registry
 from .spec import ViTSpec
 
@@ -35,8 +37,21 @@ class VisionTransformer(nn.Module):
 
         def factory(kind: str, ctx, **kwargs: Any) -> nn.Module:
             sel = spec.selection(kind)
-            cls = registry.get(kind, sel.name).cls
-            return cls(ctx, cls.Params.model_validate(sel.params), **kwargs)
+            info = registry.get(kind, sel.name)
+            params = info.cls.Params.model_validate(sel.params)
+            if info.provider == BUILTIN:
+                return info.cls(ctx, params, **kwargs)
+            try:  # foreign code: a failure names the plugin instead of surfacing as an internal error
+                module = info.cls(ctx, params, **kwargs)
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"{kind} '{sel.name}' from plugin '{info.provider}' failed to build: {type(exc).__name__}: {exc}"
+                ) from exc
+            if not isinstance(module, nn.Module):
+                raise PluginError(f"{kind} '{sel.name}' from plugin '{info.provider}' built {type(module).__name__}, not a module")
+            return module
 
         ctx = spec.build_context(registry, device=device, dtype=dtype, _factory=factory)
         self.ctx = ctx

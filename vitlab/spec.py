@@ -172,11 +172,15 @@ class ViTSpec(BaseModel):
         if not errors:
             for kind in KINDS:
                 sel: ComponentSpec = getattr(self, kind)
-                comp = registry.get(kind, sel.name).cls
+                info = registry.get(kind, sel.name)
+                comp = info.cls
+                from_plugin = "" if info.provider == "vitlab" else f" (plugin '{info.provider}')"
                 try:
                     comp.check(ctx, comp.Params.model_validate(sel.params))
                 except ValueError as exc:
-                    errors.append(_error((kind,), f"{sel.name} {exc}", sel.name))
+                    errors.append(_error((kind,), f"{sel.name}{from_plugin} {exc}", sel.name))
+                except Exception as exc:  # a bug in foreign code: say whose, not a traceback
+                    errors.append(_error((kind,), f"{sel.name}{from_plugin}: its check() raised {type(exc).__name__}: {exc}", sel.name))
         _raise(errors)
         return self
 

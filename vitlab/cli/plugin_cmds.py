@@ -96,9 +96,11 @@ def new_plugin(name: str, kind: str, output: Path | None) -> None:
 @cli.command("schema")
 @click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write to FILE instead of stdout.")
-def schema_cmd(output: Path | None) -> None:
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+def schema_cmd(output: Path | None, force: bool) -> None:
     """JSON Schema (draft 2020-12) of the recipe format with every installed component's params,
     selected by name, for editors that complete YAML."""
+    from ..fileio import atomic_write
     from ..schema import recipe_schema
 
     text = json.dumps(recipe_schema(), indent=2) + "\n"
@@ -106,7 +108,7 @@ def schema_cmd(output: Path | None) -> None:
         click.echo(text, nl=False)
         return
     try:
-        output.write_text(text, encoding="utf-8")
+        atomic_write(output, text, force=force)
     except OSError as exc:
         raise VitlabError(f"cannot write {output}: {exc.strerror or exc}") from None
     click.echo(f"wrote {output}", err=True)

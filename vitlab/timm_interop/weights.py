@@ -356,6 +356,15 @@ def load_timm_weights(model, source: Any, strict: bool = True) -> LoadReport:
                 + "\n".join(report.lines())
             )
         with torch.no_grad():
-            for tkey, fn in plan.steps.items():
-                plan.target[tkey].copy_(fn())
+            # every value first (views of the file where no conversion is needed), so a bad
+            # dtype is refused before anything is copied
+            values = {tkey: fn() for tkey, fn in plan.steps.items()}
+            wrong = [f"{k}: {v.dtype} for a {plan.target[k].dtype} parameter" for k, v in values.items()
+                     if plan.target[k].is_floating_point() and not v.is_floating_point()]
+            if wrong:
+                raise WeightsError(
+                    f"{src.label}: tensors of the wrong dtype (nothing was loaded):\n" + "\n".join(wrong)
+                )
+            for tkey, value in values.items():
+                plan.target[tkey].copy_(value)
     return report
