@@ -59,7 +59,7 @@ def test_patch_size_must_match_the_stem_stride():
     with pytest.raises(vitlab.SpecError) as err:
         vitlab.load_spec({**TINY, "patch_size": 16, "img_size": 64, "patch_embed": STEM8})
     msg = str(err.value)
-    assert "patch_embed: conv_stem has 3 stride-2 convs" in msg and "patch_size is 16x16" in msg
+    assert "patch_embed: conv_stem (plugin 'vitlab-convstem') has 3 stride-2 convs" in msg and "patch_size is 16x16" in msg
     assert "set patch_size: 8, or give 4 channel widths" in msg
     with pytest.raises(vitlab.SpecError, match="channels"):
         vitlab.load_spec({**TINY, "patch_embed": {"name": "conv_stem", "params": {"channels": []}}})

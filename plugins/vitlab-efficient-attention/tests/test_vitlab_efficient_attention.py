@@ -122,7 +122,7 @@ def test_window_covering_the_grid_is_global_attention():
 
 
 def test_window_constraints():
-    with pytest.raises(vitlab.SpecError, match=r"attention: window needs a window that divides the 4x4 patch grid, got window 3 .* fit: 1, 2, 4"):
+    with pytest.raises(vitlab.SpecError, match=r"attention: window \(plugin 'vitlab-efficient-attention'\) needs a window that divides the 4x4 patch grid, got window 3 .* fit: 1, 2, 4"):
         vitlab.load_spec({**TINY, "attention": {"name": "window", "params": {"window": 3}}})
     with pytest.raises(vitlab.SpecError, match="does not support dynamic_img_size"):
         vitlab.load_spec({**TINY, "dynamic_img_size": True, "attention": {"name": "window", "params": {"window": 2}}})

@@ -120,7 +120,7 @@ def test_composes_with_qk_norm():
 
 
 def test_head_dim_must_be_divisible_by_4():
-    with pytest.raises(vitlab.SpecError, match=r"pos_embed: rope2d needs head_dim .* = 6\) divisible by 4"):
+    with pytest.raises(vitlab.SpecError, match=r"pos_embed: rope2d \(plugin 'vitlab-rope'\) needs head_dim .* = 6\) divisible by 4"):
         vitlab.load_spec({**TINY, "embed_dim": 24, "num_heads": 4, "pos_embed": "rope2d"})
 
 

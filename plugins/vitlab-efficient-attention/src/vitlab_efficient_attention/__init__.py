@@ -21,45 +21,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 import vitlab
 from vitlab.component import QKTransform
-from vitlab.layers import Linear
+from vitlab.components.attention import QKVAttention
 
 __version__ = "0.1.0"
 
 
-class _QKVAttention(vitlab.Attention):
-    """Shared parts: the qkv and output projections, qk-norm, the position transform."""
-
-    class Params(vitlab.Attention.Params):
-        qkv_bias: bool = True
-        proj_bias: bool = True
-        qk_norm: bool = Field(False, description="the recipe's norm over head_dim on queries and keys")
-
-    def __init__(self, ctx: vitlab.BuildContext, params: Params):
-        super().__init__(ctx, params)
-        self.num_heads = ctx.num_heads
-        self.head_dim = ctx.head_dim
-        self.num_prefix = ctx.num_prefix_tokens
-        self.qkv = Linear(ctx.embed_dim, 3 * ctx.embed_dim, bias=params.qkv_bias, **ctx.factory_kwargs)
-        self.q_norm = ctx.make("norm", dim=ctx.head_dim) if params.qk_norm else nn.Identity()
-        self.k_norm = ctx.make("norm", dim=ctx.head_dim) if params.qk_norm else nn.Identity()
-        self.proj = Linear(ctx.embed_dim, ctx.embed_dim, bias=params.proj_bias, **ctx.factory_kwargs)
-        self.proj_drop = nn.Dropout(ctx.proj_drop)
-
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, N, D) -> q, k, v, each (B, heads, N, head_dim), q and k normed."""
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
-
-    def out(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, heads, N, head_dim) -> (B, N, D) through the output projection."""
-        B, _, N, _ = x.shape
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+class _QKVAttention(QKVAttention):
+    """vitlab's shared attention parts (qkv and output projections, qk-norm); subclasses write
+    only how tokens are mixed."""
 
 
 class LinearAttention(_QKVAttention):
