@@ -137,3 +137,28 @@ def test_cli_bad_layer_and_missing_image(tmp_path):
     assert r.exit_code == 2 and "out of range" in r.output and "Traceback" not in r.output
     r = runner.invoke(cli, ["attention", "vit_tiny_patch16_224", "--image", str(tmp_path / "none.png"), "-o", str(tmp_path / "o.png")])
     assert r.exit_code == 2 and "image not found" in r.output
+
+
+def test_cli_loads_vitlab_and_timm_weights(tmp_path):
+    """--weights takes a vitlab checkpoint (spec must match) or a timm checkpoint of the recipe."""
+    load_commands()
+    image = tmp_path / "in.png"
+    save_png(procedural_image(64, seed=1), image)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(vitlab.dump_spec(vitlab.load_spec(TINY)))
+    model = vitlab.build_model(vitlab.load_spec(TINY), seed=5)
+    native = vitlab.save(model, tmp_path / "w.safetensors")
+    from safetensors.torch import save_file
+
+    timm_file = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in vitlab.to_timm_state_dict(model).items()}, str(timm_file))
+    runner = CliRunner()
+    for weights, label in ((native, "vitlab checkpoint"), (timm_file, "timm checkpoint")):
+        out = tmp_path / f"{weights.stem}.png"
+        r = runner.invoke(cli, ["attention", str(recipe), "--image", str(image), "--weights", str(weights), "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        assert out.exists()
+    # a vitlab checkpoint of another spec is refused, naming what differs
+    other = vitlab.save(vitlab.build_model(vitlab.load_spec({**TINY, "depth": 1}), seed=0), tmp_path / "other.safetensors")
+    r = runner.invoke(cli, ["attention", str(recipe), "--image", str(image), "--weights", str(other), "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "differs in: depth" in r.output

@@ -19,9 +19,20 @@ import vitlab
 from vitlab.cli import cli, load_commands
 from vitlab.component import KINDS
 
-REGISTRY = vitlab.get_registry()
+from conftest import repo_registry  # noqa: E402
+
+# Built-ins plus the repository's plugins (rope2d, conv_stem, linear, window), not whatever
+# happens to be installed: every component the project ships is drawn.
+REGISTRY = repo_registry()
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-EXAMPLES = {"valid": 0, "invalid": 0, "yaml": 0}
+EXAMPLES = {"valid": 0, "rejected by a component's own constraints": 0, "invalid": 0, "yaml": 0}
+DRAWN: set[tuple[str, str]] = set()
+
+
+@pytest.fixture(autouse=True)
+def _repo_registry():
+    with vitlab.use_registry(REGISTRY):
+        yield
 
 
 def _bool_params(info) -> list[str]:
@@ -62,17 +73,21 @@ def valid_recipes(draw):
 
 def _load_or_reject(recipe):
     try:
-        return vitlab.load_spec(recipe)
+        spec = vitlab.load_spec(recipe)
     except vitlab.SpecError:
-        assume(False)  # a combination a component's own constraints refuse (e.g. a plugin's window size)
+        EXAMPLES["rejected by a component's own constraints"] += 1
+        assume(False)
+    DRAWN.update((kind, spec.selection(kind).name) for kind in KINDS)
+    return spec  # a combination a component's own constraints refuse (e.g. a plugin's window size)
 
 
 @settings(max_examples=40, **SETTINGS)
 @given(valid_recipes())
-def test_valid_specs_build_run_and_round_trip(recipe):
+def test_valid_specs_build_run_and_round_trip(tmp_path_factory, recipe):
     spec = _load_or_reject(recipe)
     EXAMPLES["valid"] += 1
     assert vitlab.load_spec(yaml.safe_load(vitlab.dump_spec(spec))) == spec
+    assert vitlab.load_spec(vitlab.dump_spec(spec)) == spec  # the dumped text itself
     model = vitlab.build_model(spec, seed=0).eval()
     x = torch.randn(2, spec.in_chans, *spec.img_hw)
     with torch.no_grad():
@@ -82,6 +97,12 @@ def test_valid_specs_build_run_and_round_trip(recipe):
     width = spec.num_classes or spec.embed_dim
     assert out.shape == ((2, ctx.num_tokens, width) if keeps_tokens else (2, width))
     assert torch.isfinite(out).all()
+    # save -> load rebuilds the same model: same spec, same outputs
+    path = vitlab.save(model, tmp_path_factory.mktemp("ckpt") / "m.safetensors")
+    loaded = vitlab.load(path).eval()
+    assert loaded.spec == spec
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
 
 
 JUNK = st.one_of(
@@ -160,6 +181,11 @@ def test_cli_answers_bad_recipes_with_exit_2_and_error_lines(tmp_path_factory, r
 
 
 def test_report_example_counts(capsys):
-    """Not a check: prints how many examples the properties above ran (for the closing note)."""
+    """Prints how many examples the properties above ran (for the closing note), and checks that
+    valid examples reached most registered components (a filter that rejected all plugin
+    components would otherwise pass unnoticed)."""
     with capsys.disabled():
-        print(f"\nhypothesis examples run: {EXAMPLES}")
+        print(f"\nhypothesis examples run: {EXAMPLES}; components drawn in valid specs: {len(DRAWN)} "
+              f"of {len(REGISTRY.components())}")
+    if EXAMPLES["valid"] >= 40:
+        assert len(DRAWN) >= 0.8 * len(REGISTRY.components()), sorted(set((i.kind, i.name) for i in REGISTRY) - DRAWN)
