@@ -44,7 +44,8 @@ Size2 = Annotated[Union[PosInt, tuple[PosInt, PosInt]], WrapValidator(_size2_err
 Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+def as_pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """A size given as one int or as (height, width) -> (height, width)."""
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -188,11 +189,11 @@ class ViTSpec(BaseModel):
 
     @property
     def img_hw(self) -> tuple[int, int]:
-        return _pair(self.img_size)
+        return as_pair(self.img_size)
 
     @property
     def patch_hw(self) -> tuple[int, int]:
-        return _pair(self.patch_size)
+        return as_pair(self.patch_size)
 
     @property
     def mlp_hidden_dim(self) -> int:

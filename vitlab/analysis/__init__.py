@@ -10,6 +10,7 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
+from ..spec import as_pair
 from .report import KIND_KEYS, Report
 
 __all__ = ["analyze", "Report", "KIND_KEYS", "REAL_WEIGHTS_LIMIT"]
@@ -21,10 +22,6 @@ REAL_WEIGHTS_LIMIT = 2 * 2**30
 with the derived method (one block at a time) instead of a full model in memory."""
 
 Method = Literal["auto", "full", "derived"]
-
-
-def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def analyze(
@@ -85,7 +82,7 @@ def _analyze_spec(source, img_size, batch_size, method, overrides, name, second_
     if overrides:
         changes = dict(overrides) if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
     if img_size is not None:
-        changes["img_size"] = list(_pair(img_size))
+        changes["img_size"] = list(as_pair(img_size))
     spec = source if isinstance(source, ViTSpec) and not changes else load_spec(source, overrides=changes or None)
 
     model = build_model(spec, device="meta").eval()
@@ -133,7 +130,7 @@ def _analyze_module(model: nn.Module, img_size, batch_size, method, name, second
     if img_size is None:
         H, W = spec.img_hw if spec is not None else (224, 224)
     else:
-        H, W = _pair(img_size)
+        H, W = as_pair(img_size)
     in_chans = spec.in_chans if spec is not None else 3
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")

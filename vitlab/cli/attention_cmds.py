@@ -21,23 +21,27 @@ def _floats3(text: str | None, option: str):
     return values
 
 
-def _load_weights(model, path: Path) -> str:
-    """Load a vitlab checkpoint (its spec must equal the recipe's) or a timm checkpoint."""
-    if not path.is_file():
-        raise VitlabError(f"weights file not found: {path}")
+def _build(spec, weights: Path | None, seed: int):
+    """The recipe's model with its weights: a vitlab checkpoint (its spec must equal the
+    recipe's), a timm checkpoint, or a fresh initialisation. Returns (model, where from)."""
     from .. import checkpoint
+    from ..model import build_model
 
-    if checkpoint.is_vitlab_checkpoint(path):
-        saved = checkpoint.load(path)
-        if saved.spec != model.spec:
-            diff = sorted(k for k, v in saved.spec.to_dict().items() if model.spec.to_dict().get(k) != v)
-            raise VitlabError(f"{path} was saved from a different spec (differs in: {', '.join(diff)})")
-        model.load_state_dict(saved.state_dict())
-        return "vitlab checkpoint"
+    if weights is None:
+        return build_model(spec, seed=seed), f"random init, seed {seed}"
+    if not weights.is_file():
+        raise VitlabError(f"weights file not found: {weights}")
+    if checkpoint.is_vitlab_checkpoint(weights):
+        saved = checkpoint.read_spec(weights)  # the header only: refuse before reading tensors
+        if saved != spec:
+            diff = sorted(k for k, v in saved.to_dict().items() if spec.to_dict().get(k) != v)
+            raise VitlabError(f"{weights} was saved from a different spec (differs in: {', '.join(diff)})")
+        return checkpoint.load(weights), "vitlab checkpoint"
     from ..timm_interop import load_timm_weights
 
-    load_timm_weights(model, path, strict=True)
-    return "timm checkpoint"
+    model = build_model(spec, seed=seed)
+    load_timm_weights(model, weights, strict=True)
+    return model, "timm checkpoint"
 
 
 @cli.command()
@@ -65,13 +69,12 @@ def attention(recipe, image_path, weights, layer, head, rollout, head_fusion, di
     from ..attention_plot import attention_figure, save_figure
     from ..fileio import atomic_write, check_writable
     from ..images import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize, resize_center_crop
-    from ..model import build_model
     from ..recipes import load_spec
 
     check_writable(output, force)  # fail before any work
     spec = load_spec(recipe, overrides=list(overrides))
-    model = build_model(spec, seed=seed).eval()
-    source = _load_weights(model, weights) if weights else f"random init, seed {seed}"
+    model, source = _build(spec, weights, seed)
+    model.eval()
     crop = resize_center_crop(load_image(image_path), spec.img_hw, crop_pct)
     x = normalize(crop, _floats3(mean_text, "--mean") or IMAGENET_MEAN, _floats3(std_text, "--std") or IMAGENET_STD)
     maps = attention_maps(model, x[None])  # depth x (1, heads, N, N)

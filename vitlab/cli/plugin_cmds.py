@@ -9,7 +9,7 @@ import click
 from ..component import KINDS
 from ..errors import VitlabError
 from . import cli
-from .spec_cmds import _console
+from .output import console as _console
 
 
 def _plugin_report() -> dict:

@@ -9,14 +9,7 @@ import click
 from ..component import KINDS
 from ..errors import SpecError, VitlabError, unknown_choice
 from . import cli, set_option
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    # piped output gets a wide table rather than 80 columns of wrapped text
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, soft_wrap=False, width=None if stream.isatty() else 160)
+from .output import console
 
 
 def _params_summary(info) -> str:
@@ -49,7 +42,7 @@ def components(kind: str | None, as_json: bool) -> None:
         table.add_column(col, overflow="fold")
     for i in infos:
         table.add_row(i.kind, i.name, i.provider, _params_summary(i), i.description)
-    _console().print(table)
+    console().print(table)
 
 
 def _load(recipe: str, overrides: tuple[str, ...]):
@@ -133,4 +126,4 @@ def build(recipe: str, overrides: tuple[str, ...], batch_size: int, device: str)
     ]
     for k, v in rows:
         table.add_row(k, v)
-    _console().print(table)
+    console().print(table)
