@@ -46,6 +46,25 @@ TINY = {
 TINY_PATCHES = (32 // 8) ** 2  # 16, computed here from the sizes, not read from vitlab
 
 
+def invoke_cli(*args):
+    """``vitlab ARGS`` through click's test runner (stderr kept apart from stdout)."""
+    from click.testing import CliRunner
+
+    from vitlab.cli import cli, load_commands
+
+    load_commands()
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+def one_error(res) -> str:
+    """The single stderr line of a refused command (exit 2, no traceback)."""
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
 def repo_plugins() -> list[tuple[str, str, Path]]:
     """The plugin packages shipped in this repository (``plugins/<dist>/src/<module>``):
     (distribution, module, src folder)."""

@@ -11,7 +11,7 @@ import yaml
 import vitlab
 from vitlab import load_spec
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, one_error, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -24,12 +24,7 @@ def _timm_params(name: str, **kwargs) -> int:
         return sum(p.numel() for p in timm.create_model(name, pretrained=False, **kwargs).parameters())
 
 
-def _one_error(res) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.output)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "Traceback" not in res.output
-    return lines[0]
+_one_error = one_error
 
 
 # --- components -------------------------------------------------------------------------------

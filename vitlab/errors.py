@@ -68,6 +68,12 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+def path_label(path: object) -> str:
+    """A file name as a message shows it. A newline is a legal character in a file name, so names
+    are escaped like the rest of a problem: a message naming a file stays one line."""
+    return one_line(str(path))
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """``"; did you mean 'mhsa'?"`` when a choice is close to ``word``, else ``""``."""
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)

@@ -3,30 +3,57 @@ procedurally generated test picture (no data set can be downloaded here)."""
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import VitlabError
+from .errors import VitlabError, one_line, path_label
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# An input picture is cropped to a few hundred pixels; 8192 x 8192 is far beyond any real use. A
+# 20000 x 20000 PNG of one colour is a few hundred KB and decodes to 1.2 GB: refuse it from its
+# header, before decoding.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def load_image(path: str | Path) -> torch.Tensor:
-    """An RGB image file as a float tensor (3, H, W) in [0, 1]."""
+    """An RGB image file as a float tensor (3, H, W) in [0, 1].
+
+    Raises:
+        VitlabError: no such file, a directory, not an image, or larger than ``MAX_IMAGE_PIXELS``
+            (checked from the header, before anything is decoded).
+    """
     from PIL import Image, UnidentifiedImageError
 
+    label = path_label(path)
+    if os.path.isdir(path):
+        raise VitlabError(f"{label} is a directory; give an image file")
     try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-            return data.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it: a warning here is a refusal
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # lazy: reads the header, decodes nothing yet
+                _check_pixels(label, img.size)
+                rgb = img.convert("RGB")
     except FileNotFoundError:
-        raise VitlabError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise VitlabError(f"cannot read image {path}: {exc}") from None
+        raise VitlabError(f"image not found: {label}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise VitlabError(f"{label}: refused as a decompression bomb ({one_line(str(exc))})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:  # ValueError: PIL's own size limits on chunks
+        raise VitlabError(f"cannot read image {label}: {one_line(str(exc))}") from None
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return data.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0
+
+
+def _check_pixels(label: str, size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise VitlabError(f"{label}: the image is {width}x{height} ({width * height:,} pixels); "
+                          f"at most {MAX_IMAGE_PIXELS:,} pixels (8192x8192) are read")
 
 
 def resize_center_crop(image: torch.Tensor, size: tuple[int, int], crop_pct: float = 0.875) -> torch.Tensor:
@@ -39,6 +66,16 @@ def resize_center_crop(image: torch.Tensor, size: tuple[int, int], crop_pct: flo
     H, W = image.shape[-2:]
     ratio = scale_to / min(H, W)
     new_h, new_w = max(h, round(H * ratio)), max(w, round(W * ratio))
+    if new_h * new_w > 16 * h * w:
+        # An extreme aspect ratio (a 1 x 20000 strip) would be resized whole to millions of pixels
+        # before the crop: cut the source to the centre that survives, plus the resampling
+        # kernel's reach, first (memory bounded by the output, at a sub-pixel shift at most).
+        keep_h = min(H, math.ceil(h / ratio) + 2 * math.ceil(2 / ratio) + 2)
+        keep_w = min(W, math.ceil(w / ratio) + 2 * math.ceil(2 / ratio) + 2)
+        top, left = (H - keep_h) // 2, (W - keep_w) // 2
+        image = image[:, top : top + keep_h, left : left + keep_w]
+        H, W = keep_h, keep_w
+        new_h, new_w = max(h, round(H * ratio)), max(w, round(W * ratio))
     resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
     top, left = (new_h - h) // 2, (new_w - w) // 2
     return resized[:, top : top + h, left : left + w].clamp(0, 1)

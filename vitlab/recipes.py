@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -15,9 +16,24 @@ from pydantic import ValidationError
 
 from .component import KINDS
 from .errors import Problem, SpecError, did_you_mean
+# The parser limits live in .parsing; their names stay importable from here
+# (``vitlab.recipes.load_json``, ``MAX_EXTENDS``, ...), and ``_read_text`` is looked up here at
+# call time, so a test can watch every recipe file opened.
+from .parsing import (  # noqa: F401  (re-exported)
+    MAX_EXTENDS,
+    MAX_INT_DIGITS,
+    MAX_NESTING,
+    MAX_RECIPE_BYTES,
+    MAX_VALUES,
+    load_json,
+    load_yaml,
+)
+from .parsing import read_text as _read_text
 from .spec import ComponentSpec, ViTSpec, unknown_key_message
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+# Top-level sizes that a recipe's ``stages`` imply (see ``ViTSpec.stages``).
+STAGE_DERIVED = ("depth", "embed_dim", "num_heads")
 
 
 def recipes_dir() -> Path:
@@ -46,7 +62,7 @@ def find_recipe(ref: str | Path, relative_to: Path | None = None) -> Path:
         candidates.append(relative_to.parent / ref_path)
     candidates.append(ref_path)
     for c in candidates:
-        if c.is_file():
+        if os.path.isfile(c):  # False, not an exception, for a name too long or a folder we cannot enter
             return c
     bundled = bundled_recipes()
     if str(ref) in bundled:
@@ -57,22 +73,19 @@ def find_recipe(ref: str | Path, relative_to: Path | None = None) -> Path:
 
 
 def _parse(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"cannot read recipe: {exc.strerror or exc}", source=str(path)) from None
-    except UnicodeDecodeError:
-        raise SpecError("recipe is not UTF-8 text", source=str(path)) from None
-    return parse_text(text, source=str(path), json_syntax=path.suffix == ".json")
+    return parse_text(_read_text(path), source=str(path), json_syntax=path.suffix == ".json")
 
 
 def parse_text(text: str, source: str = "<recipe text>", json_syntax: bool = False) -> dict[str, Any]:
     """Recipe text (YAML, or JSON) -> raw mapping, with syntax errors naming line and column.
-    YAML is read with the safe loader: no tags, no objects, no code."""
+    YAML is read with the safe loader: no tags, no objects, no code. Both refuse what passes the
+    limits of :mod:`vitlab.parsing` (nesting, repeated keys, huge integers, alias bombs)."""
     if not text.strip():
         raise SpecError("recipe file is empty", source=source)
     try:
-        data = json.loads(text) if json_syntax else yaml.safe_load(text)
+        data = load_json(text) if json_syntax else load_yaml(text)
+    except SpecError as exc:
+        raise exc.with_source(source) from None
     except json.JSONDecodeError as exc:
         raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=source) from None
     except yaml.YAMLError as exc:
@@ -80,6 +93,8 @@ def parse_text(text: str, source: str = "<recipe text>", json_syntax: bool = Fal
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"invalid YAML{where}: {problem}", source=source) from None
+    except ValueError as exc:  # a scalar that resolves to a type and then fails (2001-13-45 as a date)
+        raise SpecError(f"invalid YAML value: {exc}", source=source) from None
     if data is None:
         raise SpecError("recipe file is empty (only comments)", source=source)
     if not isinstance(data, dict):
@@ -91,6 +106,11 @@ def _merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
     """``child`` over ``base``. A component selection that changes ``name`` replaces the base's
     selection whole (its params belonged to the other component); otherwise params merge."""
     out = copy.deepcopy(base)
+    if "stages" in child:
+        # the stages define the sizes they imply; the base's plain sizes belonged to its own layout
+        for key in STAGE_DERIVED:
+            if key not in child:
+                out.pop(key, None)
     for key, value in child.items():
         if key in KINDS:
             old, new = _as_selection(out.get(key)), _as_selection(value)
@@ -121,6 +141,9 @@ def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
     if real in _chain:
         cycle = " -> ".join(str(p) for p in _chain + (real,))
         raise SpecError(f"extends cycle: {cycle}", source=str(path))
+    if len(_chain) >= MAX_EXTENDS:
+        raise SpecError(f"extends: a chain of more than {MAX_EXTENDS} recipes (the limit); started at {_chain[0]}",
+                        source=str(path))
     data = _parse(path)
     parent = data.pop("extends", None)
     if parent is None:
@@ -140,8 +163,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise SpecError(f"override '{text}' is not KEY=VALUE (e.g. depth=6 or attention.params.qk_norm=true)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw) if raw.strip() else ""
+    except SpecError as exc:  # a limit (a 5000-digit number) is refused, not read as text
+        raise SpecError([Problem(key.strip(), p.msg) for p in exc.problems]) from None
+    except (yaml.YAMLError, ValueError):
         value = raw
     return key.strip(), value
 
@@ -216,6 +241,7 @@ def load_spec(
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
     *,
     registry=None,
+    files: bool = True,
 ) -> ViTSpec:
     """A validated spec from a recipe path, bundled recipe name, mapping, or spec.
 
@@ -224,14 +250,18 @@ def load_spec(
             with a line break, e.g. ``dump_spec`` output), a dict, or a ``ViTSpec``.
         overrides: dotted keys to values (``{"depth": 6}``) or ``"key=value"`` strings.
         registry: the component registry to validate against (default: installed plugins).
+        files: ``False`` for a spec from untrusted data (a checkpoint's metadata): it must be a
+            mapping, text or spec, and may not reference any file or bundled recipe (``extends``).
 
     Raises:
         SpecError: naming the file, the field path, the bad value and the valid choices.
     """
     label = None
-    if isinstance(source, ViTSpec):
+    if not files:
+        data = _data_without_files(source)
+    elif isinstance(source, ViTSpec):
         data = source.to_dict()
-    elif isinstance(source, Mapping) or isinstance(source, str) and "\n" in source:
+    elif isinstance(source, Mapping) or _is_text(source):
         data = parse_text(source) if isinstance(source, str) else dict(source)
         if "extends" in data:
             parent = data.pop("extends")
@@ -245,6 +275,28 @@ def load_spec(
     except SpecError as exc:
         raise exc.with_source(label) if label else exc
     return validate(data, registry=registry, source=label)
+
+
+def _is_text(source: Any) -> bool:
+    """Recipe text rather than a name: a string with a line break, unless it names a file (a line
+    break is a legal character in a file name)."""
+    return isinstance(source, str) and "\n" in source and not os.path.isfile(source)
+
+
+def _data_without_files(source: Any) -> dict[str, Any]:
+    """The raw mapping of a spec that may not read files. ``extends`` is refused whatever its value:
+    followed, it would open a file the data names (``/etc/shadow``) and quote it in the error."""
+    if isinstance(source, ViTSpec):
+        return source.to_dict()
+    if isinstance(source, str) and "\n" in source:
+        data = parse_text(source)
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        raise SpecError(f"expected a mapping or recipe text here, not a file or recipe name ({type(source).__name__})")
+    if "extends" in data:
+        raise SpecError([Problem("extends", "a spec from untrusted data (e.g. a checkpoint) cannot reference other files")])
+    return data
 
 
 def dump_spec(spec: ViTSpec) -> str:

@@ -1,7 +1,8 @@
 """The ``vitlab`` command line. Commands live in modules of this package, one topic each.
 
-Every ``VitlabError`` becomes its lines on stderr and exit code 2; nothing prints a traceback
-unless ``VITLAB_DEBUG=1``.
+Every ``VitlabError`` becomes its lines on stderr and exit code 2, and so does every usage error
+(a missing argument, an unknown option or choice): one ``error: ...`` line each. Nothing prints a
+traceback unless ``VITLAB_DEBUG=1``.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import click
 
-from ..errors import VitlabError
+from ..errors import VitlabError, one_line
 
 SET_HELP = "Override a recipe field: KEY=VALUE with a dotted key (depth=6, attention.params.qk_norm=true). Repeatable."
 
@@ -26,11 +27,51 @@ def fail(error: VitlabError) -> None:
     sys.exit(error.exit_code)
 
 
+# click >= 8.2 raises this (a UsageError) for a group run without a command; older click prints help
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def usage_line(exc: click.UsageError) -> str:
+    """click's usage error as one line, with where to look: click prints the usage, a hint and the
+    error on three lines, which reads as three problems to scripts that count lines."""
+    message = one_line(exc.format_message()).rstrip(".")
+    message = message[:1].lower() + message[1:] if message[1:2].islower() else message
+    command = exc.ctx.command_path if exc.ctx is not None else "vitlab"
+    return f"error: {message} (see '{command} --help')"
+
+
 class VitlabGroup(click.Group):
-    """A click group that turns vitlab errors into one line each and a non-zero exit."""
+    """A click group that turns vitlab errors and usage errors into one line each and exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:  # the caller handles exceptions itself
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            # click's own handling prints usage errors on three lines: take the exceptions instead
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # bare ``vitlab``: the help is the answer, not an error line
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            click.echo(usage_line(exc), err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:  # e.g. a file click could not open
+            click.echo(f"error: {one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:  # Ctrl-C or end of input while click was parsing
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        except VitlabError as exc:  # raised while parsing (a parameter callback), before invoke
+            fail(exc)
+        # without standalone mode click returns the command's value, or the code of a ctx.exit()
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
+            from ..plugins import report_failures
+
+            # a broken plugin costs only its own components: one warning line each, then the command
+            report_failures(lambda line: click.echo(line, err=True))
             return super().invoke(ctx)
         except VitlabError as exc:
             fail(exc)
@@ -42,7 +83,8 @@ class VitlabGroup(click.Group):
         except Exception as exc:  # an internal error: one line, traceback only on request
             if os.environ.get("VITLAB_DEBUG"):
                 raise
-            click.echo(f"error: internal error {type(exc).__name__}: {exc} (set VITLAB_DEBUG=1 for a traceback)", err=True)
+            click.echo(f"error: internal error {type(exc).__name__}: {one_line(str(exc))} (set VITLAB_DEBUG=1 for a traceback)",
+                       err=True)
             sys.exit(1)
 
 

@@ -16,6 +16,7 @@ from . import cli
 def from_timm(name: str, output: Path | None, force: bool) -> None:
     """Write the recipe of timm model NAME (read from the model's structure; no weights are
     downloaded). Fails naming the feature when vitlab cannot express the model."""
+    from ..errors import path_label
     from ..fileio import atomic_write, check_writable
     from ..recipes import dump_spec
     from ..timm_interop import spec_from_timm
@@ -30,4 +31,4 @@ def from_timm(name: str, output: Path | None, force: bool) -> None:
         click.echo(text, nl=False)
         return
     atomic_write(output, text, force=force)
-    click.echo(f"wrote {output}", err=True)
+    click.echo(f"wrote {path_label(output)}", err=True)
