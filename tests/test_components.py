@@ -3,12 +3,15 @@ runs, gives finite outputs of the right shape, trains (every parameter gets a gr
 compiles with ``fullgraph=True`` to the same output. A newly registered component is picked up
 automatically; if it needs other settings, add them to ``COMPAT``.
 
-Also: every boolean / literal parameter of every component, flipped; ``linear`` == ``conv``
-patch embedding given the same weights; padding.
+Also: every boolean / literal parameter of every component, flipped, must change something
+observable (the state dict's keys or shapes, or the outputs of two models built with the same
+seed); the few switches that legitimately change nothing here are listed in ``INERT`` with the
+reason. ``linear`` == ``conv`` patch embedding given the same weights; padding.
 """
 from __future__ import annotations
 
 import typing
+import zlib
 
 import pytest
 import torch
@@ -32,13 +35,33 @@ N_TOKENS = 1 + 1 + TINY_PATCHES  # class + register + 4 x 4 patches
 # Settings a component needs besides being selected (none of the built-ins needs any).
 COMPAT: dict[tuple[str, str], dict] = {
     ("patch_embed", "conv_stem"): {"patch_embed": {"name": "conv_stem", "params": {"channels": [8, 16, 32]}}},
-    ("attention", "window"): {"attention": {"name": "window", "params": {"window": 2}}},
+    ("attention", "window"): {"attention": {"name": "window", "params": {"window_size": 2}}},
 }
 # Tried in turn when the plain selection does not validate (e.g. a pool without a class token).
 FALLBACKS = [{"class_token": False, "pool": "avg"}, {"pool": "avg"}, {"embed_dim": 64, "num_heads": 4}]
 
+# Flipped switches that change nothing observable in the configuration these tests build (32 px
+# images, 8 px patches, eval mode): (kind, name, param) -> why. The test checks that each entry
+# really is inert here, so the table cannot go stale; every other flip must show.
+_NOTHING_TO_PAD = ("32 px images divide into 8 px patches, so there is nothing to pad "
+                   "(test_padding_patch_embed checks padding against F.pad on a 30 px image)")
+INERT: dict[tuple[str, str, str], str] = {
+    # dividing coordinates by the shorter, longer or own side differs only on a non-square grid
+    ("pos_embed", "rope", "normalize_coords"): "the test's 4x4 grid is square (and the axial variant ignores it)",
+    ("patch_embed", "conv", "pad"): _NOTHING_TO_PAD,
+    ("patch_embed", "linear", "pad"): _NOTHING_TO_PAD,
+}
+# Params a switch needs before it can show, given to both builds (default and flipped).
+PROBES: dict[tuple[str, str, str], dict] = {
+    ("pool", "map", "reduce"): {"latent_len": 2},  # with one latent, the first latent is the mean
+    ("pos_embed", "rope", "include_prefix"): {"learned": True},  # which tokens the learned table covers
+}
+
 
 def spec_selecting(kind: str, name: str, params: dict | None = None, **extra):
+    if kind not in vitlab.ViTSpec.model_fields:
+        pytest.skip(f"{kind} '{name}': a recipe does not select kind '{kind}' at its top level "
+                    "(it is chosen elsewhere, e.g. inside stages), so a flat tiny model cannot hold it")
     compat = COMPAT.get((kind, name), {})
     own = {**compat.get(kind, {}).get("params", {}), **(params or {})}
     data = {**BASE, **compat, **extra, kind: {"name": name, "params": own}}
@@ -110,14 +133,61 @@ def _variants():
 VARIANTS = _variants()
 
 
+def _shapes(model) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _outputs(model, x) -> torch.Tensor:
+    """Tokens after the final norm and the pooled output / logits, flattened into one vector."""
+    with torch.no_grad():
+        return torch.cat([model.forward_features(x).flatten(), model(x).flatten()])
+
+
+def _name_keyed_weights(model) -> None:
+    """Overwrite every parameter with values drawn from its name alone (std 0.5): two models with
+    the same parameter names and shapes then hold identical weights, large enough that a switch's
+    effect is not lost under the near-zero initial tokens, biases and heads."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            g = torch.Generator().manual_seed(zlib.crc32(pname.encode()))
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("kind, name, field, value", VARIANTS, ids=[f"{k}-{n}-{f}={v}" for k, n, f, v in VARIANTS])
 def test_component_param_variant(kind, name, field, value):
-    spec = spec_selecting(kind, name, {field: value})
+    """The flipped switch builds and runs, and changes what the model is: its state dict (keys or
+    shapes), or its outputs for the same seed and input. The reference is the same component with
+    the switch at its default, built the same way."""
+    probe = PROBES.get((kind, name, field), {})
+    default = spec_selecting(kind, name, probe)
+    spec = spec_selecting(kind, name, {**probe, field: value})
     assert spec.selection(kind).params[field] == value
+    expected_spec = default.to_dict()
+    expected_spec[kind]["params"][field] = value
+    assert spec.to_dict() == expected_spec, "the two specs differ in more than the switch (another fallback?)"
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    base = build_model(default, seed=0, registry=REGISTRY).eval()
     model = build_model(spec, seed=0, registry=REGISTRY).eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 32, 32))
+        out = model(x)
     assert out.shape == expected_shape(model) and torch.isfinite(out).all()
+
+    same_state = _shapes(model) == _shapes(base)
+    same_out = same_state and torch.allclose(_outputs(model, x), _outputs(base, x), rtol=1e-5, atol=1e-6)
+    if same_out:  # same weights as built; try weights large enough for any effect to show
+        _name_keyed_weights(base)
+        _name_keyed_weights(model)
+        same_out = torch.allclose(_outputs(model, x), _outputs(base, x), rtol=1e-5, atol=1e-6)
+    changed = not (same_state and same_out)
+    reason = INERT.get((kind, name, field))
+    if reason is not None:
+        assert not changed, f"{kind} '{name}' switch {field}={value!r} is listed in INERT but changes the model: remove it"
+        return
+    assert changed, (
+        f"{kind} '{name}': flipping switch {field} to {value!r} changes neither the state dict (keys, shapes) "
+        "nor the outputs for a fixed seed and input; if it is inert here for a reason, add it to INERT"
+    )
 
 
 def test_param_variants_change_the_model():
@@ -189,7 +259,7 @@ def test_sincos2d_table_against_formula():
 def test_prefix_tokens_skip_fixed_positions():
     model = build_model(load_spec({**BASE, "pos_embed": "sincos2d"}), seed=0)
     x = torch.randn(2, N_TOKENS, 32)
-    y = model.pos_embed(x, (4, 4))
+    y = model.pos_embed(x, vitlab.ForwardState.start((4, 4), 2))
     torch.testing.assert_close(y[:, :2], x[:, :2])  # class + register untouched
     torch.testing.assert_close(y[:, 2:], x[:, 2:] + model.pos_embed.pe)
 

@@ -70,11 +70,76 @@ def test_undeclared_op_is_unsupported_and_declared_op_is_counted():
     assert with_rule.flops == without.flops + 7  # one exp call (one block) counted by the declared handle
 
 
-def test_op_declared_twice_names_both_providers():
-    with pytest.raises(vitlab.PluginError, match="aten::exp are declared twice: by 'a' and by 'b'"):
-        make_plugin_manager(entry_points=False, plugins=[("a", DeclaresExp()), ("b", DeclaresExpAgain())])
-    with pytest.raises(vitlab.PluginError, match="declared twice: by 'vitlab' and by 'c'"):
-        make_plugin_manager(entry_points=False, plugins=[("c", DeclaresBuiltinOp())])
+class ExpPool(vitlab.Pool):
+    """Test-only pool: exp of the class token (one aten::exp outside any MLP)."""
+
+    name = "exppool"
+
+    def forward(self, x):
+        return torch.exp(x[:, 0])
+
+
+class PoolOnly:
+    """Registers ``exppool`` and declares nothing: its exp is counted by whoever counts it globally."""
+
+    @vitlab.hookimpl
+    def vitlab_register_components(self, register):
+        register(ExpPool)
+
+
+def _exp_report(*plugins):
+    _, registry = make_plugin_manager(entry_points=False, plugins=plugins)
+    spec = vitlab.load_spec({**TINY, "depth": 2, "mlp": "expmlp", "pool": "exppool"}, registry=registry)
+    return registry, vitlab.analyze(vitlab.build_model(spec, registry=registry, device="meta"), second_opinion=False)
+
+
+def test_op_declared_twice_is_not_fatal_and_names_both_providers():
+    for strict in (True, False):
+        _, registry = make_plugin_manager(entry_points=False, plugins=[("a", DeclaresExp()), ("b", DeclaresExpAgain())],
+                                          strict=strict)
+        assert registry.op_rules["aten::exp"].provider == "a"  # the first declaration, deterministically
+        assert [r.provider for r in registry.op_declarations["aten::exp"]] == ["a", "b"]
+        assert registry.warnings() == [
+            "FLOPs of aten::exp are declared by 'a' and by 'b': each counts it inside its own components, 'a' everywhere else"
+        ]
+    _, registry = make_plugin_manager(entry_points=False, plugins=[("c", DeclaresBuiltinOp())])
+    assert registry.op_rules["aten::scaled_dot_product_attention"].provider == "vitlab"
+    assert registry.warnings() == [
+        "FLOPs of aten::scaled_dot_product_attention are declared by 'vitlab' and by 'c': "
+        "each counts it inside its own components, 'vitlab' everywhere else"
+    ]
+
+
+def test_each_plugin_counts_the_operator_inside_its_own_components():
+    # a declares exp = 7 and owns expmlp; b declares exp free; c owns exppool and declares nothing
+    _, first_a = _exp_report(("a", DeclaresExp()), ("b", DeclaresExpAgain()), ("c", PoolOnly()))
+    assert first_a.by_operator["aten::exp"] == 3 * 7  # two blocks' MLPs (a's own) and the pool (a's rule is first)
+    assert "aten::exp" not in first_a.free_ops and "aten::exp" not in first_a.unsupported
+    _, first_b = _exp_report(("b", DeclaresExpAgain()), ("a", DeclaresExp()), ("c", PoolOnly()))
+    assert first_b.by_operator["aten::exp"] == 2 * 7  # a's own MLPs still count 7 each
+    assert first_b.free_ops["aten::exp"] == 1  # the pool's exp follows b's rule, the first one
+    assert first_b.flops == first_a.flops - 7
+
+
+def test_a_plugin_rule_for_a_builtin_op_changes_only_its_own_components():
+    _, registry = make_plugin_manager(entry_points=False, plugins=[("c", DeclaresBuiltinOp())])
+    with use_registry(registry):
+        report = vitlab.analyze(vitlab.load_spec(TINY), second_opinion=False)
+    assert report.by_operator["aten::scaled_dot_product_attention"] > 0  # the built-in mhsa: vitlab's rule
+    assert "aten::scaled_dot_product_attention" not in report.free_ops
+
+
+def test_counting_uses_the_registry_the_model_was_built_with():
+    _, registry = make_plugin_manager(entry_points=False, plugins=[("p", DeclaresExp())])
+    model = vitlab.build_model(vitlab.load_spec({**TINY, "mlp": "expmlp"}, registry=registry), registry=registry, device="meta")
+    assert model.registry is registry
+    report = vitlab.analyze(model, second_opinion=False)  # the process registry (built-ins only) is active
+    assert report.by_operator["aten::exp"] == 7 and "aten::exp" not in report.unsupported
+    from vitlab.analysis.count import count
+
+    images = torch.empty(1, 3, 32, 32, device="meta")
+    builtin_only = count(model.eval(), (images,), second_opinion=False, registry=vitlab.get_registry())
+    assert builtin_only.unsupported["aten::exp"] == 1  # an explicit registry wins
 
 
 @pytest.mark.parametrize("args, match", [

@@ -140,3 +140,49 @@ def test_plugin_names():
         "vitlab-my-attn", "vitlab_my_attn", "my_attn", "my_attn", "MyAttn",
     )
     assert PluginNames.of("vitlab-foo", "mlp").dist == "vitlab-foo"  # no vitlab-vitlab-foo
+
+
+def test_every_template_is_used_and_every_placeholder_filled(tmp_path):
+    """The files come from vitlab/templates/plugin: each kind has its component body, no template
+    is left unused, and no placeholder (``$name``) survives into a generated file."""
+    import re
+    from pathlib import Path
+
+    import vitlab.scaffold
+
+    root = Path(vitlab.scaffold.__file__).parent / "templates" / "plugin"
+    templates = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert {f"kinds/{kind}.py.tmpl" for kind in KINDS} <= templates
+    shared = {"pyproject.toml.tmpl", "README.md.tmpl", "__init__.py.tmpl", "recipe.yaml.tmpl", "test_plugin.py.tmpl"}
+    kind_files = {t for t in templates if t.startswith("kinds/")}
+    assert templates == shared | kind_files
+    # a per-kind file for a kind that does not exist would never be read
+    assert {t.removeprefix("kinds/").split(".")[0] for t in kind_files} <= set(KINDS)
+    for kind in KINDS:
+        for path in scaffold(f"ph-{kind.replace('_', '-')}", kind, tmp_path / kind):
+            text = path.read_text()
+            assert not re.search(r"\$\{?(dist|module|component|entry_point|cls|kind|vitlab_version|body|recipe_extra)\b",
+                                 text), path
+
+
+@pytest.mark.slow
+def test_templates_ship_in_the_wheel(tmp_path):
+    """A real wheel build of vitlab (hatchling, as `pip install vitlab` does) holds every template
+    file: `vitlab new-plugin` works from an installed vitlab, not only from a checkout."""
+    import zipfile
+    from pathlib import Path
+
+    import vitlab.scaffold
+
+    repo = Path(vitlab.scaffold.__file__).resolve().parent.parent
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w",
+         str(tmp_path), str(repo)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    (wheel,) = tmp_path.glob("vitlab-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    root = repo / "vitlab" / "templates"
+    expected = {f"vitlab/templates/{p.relative_to(root).as_posix()}" for p in root.rglob("*") if p.is_file()}
+    assert expected and expected <= names

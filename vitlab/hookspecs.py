@@ -24,11 +24,17 @@ def vitlab_register_components(register: Callable[[type], None]) -> None:
 
     Args:
         register: takes a subclass of one of the kind bases in ``vitlab.component``
-            (``PatchEmbed``, ``PosEncoding``, ``Attention``, ``Mlp``, ``Norm``, ``Block``, ``Pool``)
-            that sets ``name`` and, optionally, a nested ``Params`` pydantic model. A name already
-            registered for the same kind is an error naming both providers.
+            (``PatchEmbed``, ``PosEncoding``, ``Attention``, ``Mlp``, ``Norm``, ``Block``, ``Pool``, ``Transition``)
+            that sets ``name`` and, optionally, a nested ``Params`` pydantic model. The class is
+            checked at once: ``Params`` must be a complete pydantic model, ``Params()`` must work
+            and its defaults validate, and it must have a JSON schema; plain ``bool`` fields are
+            made strict (``"no"`` and ``1`` refused) like the built-ins' ``StrictBool``.
 
-    Returns nothing; called once per plugin when the registry is built.
+    Returns nothing; called once per plugin when the registry is built. Whatever the plugin
+    registers is kept only if all of it is valid: a bad class, a built-in name, or an exception
+    from this hook makes the plugin fail as a whole (recorded in ``registry.failures``; strict
+    loading raises). A name that two plugins register is ambiguous: recipes selecting it fail
+    naming both, and both plugins stay loaded.
     """
 
 
@@ -42,8 +48,11 @@ def vitlab_flop_handles(register: Callable[..., None]) -> None:
             handles ``(inputs, outputs) -> int`` (multiply-adds, one per fused multiply-add, and
             output elements); ``free`` is the reason an operator costs nothing (``"activation"``).
             Operators fvcore already counts (linear, matmul, einsum, conv, bmm, layer_norm) need
-            nothing. An operator declared by two plugins is an error naming both.
+            nothing.
 
-    Returns nothing; called once per plugin when the registry is built. An operator that is
-    neither counted nor free shows up in a report's ``unsupported`` list.
+    Returns nothing; called once per plugin when the registry is built. A declaration counts the
+    operator wherever it runs inside the plugin's own components; elsewhere vitlab's own
+    declaration, then fvcore's handle, then the first plugin's declaration count it. So two
+    plugins may declare the same operator (a warning names both when they may disagree). An
+    operator that is neither counted nor free shows up in a report's ``unsupported`` list.
     """

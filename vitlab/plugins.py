@@ -5,26 +5,51 @@ plugin module implementing ``vitlab_register_components``.
 
 ``VITLAB_DISABLE_PLUGINS=1`` skips every external plugin; a comma list
 (``VITLAB_DISABLE_PLUGINS=rope,vitlab-convstem``) skips those entry-point or distribution names.
+
+One broken plugin never stops the rest. The process-wide registry (``get_registry()``) loads
+leniently: a plugin whose import fails (``sys.exit()`` and ``KeyboardInterrupt`` raised by the
+plugin included), that implements an unknown hook, whose hook raises, or that registers something
+breaking the component contract (see ``registry.py``) is recorded in ``registry.failures``, with
+nothing it registered left behind, and the others load. ``report_failures`` prints one
+``warning:`` line per problem. ``make_plugin_manager(strict=True)`` raises ``PluginError`` instead.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.metadata
 import os
-from typing import Iterable, Iterator
+import signal
+import threading
+from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
-from .registry import PluginFailure, PluginInfo, Registry
+from .errors import PluginError, unknown_choice
+from .registry import (
+    BUILTIN,
+    DISABLE_ENV,
+    ComponentInfo,
+    OpRule,
+    PluginFailure,
+    PluginInfo,
+    Registry,
+    check_component,
+    check_op,
+    describe_exception,
+)
 
 ENTRY_POINT_GROUP = "vitlab"
-DISABLE_ENV = "VITLAB_DISABLE_PLUGINS"
-BUILTIN = "vitlab"
+HOOKS = tuple(sorted(n for n in vars(hookspecs) if n.startswith("vitlab_")))
 
+__all__ = [
+    "BUILTIN", "DISABLE_ENV", "ENTRY_POINT_GROUP", "disabled_plugins", "get_registry", "make_plugin_manager",
+    "report_failures", "reset_registry", "use_registry",
+]
+
+
+# --- entry points -------------------------------------------------------------------------------------
 
 def disabled_plugins() -> set[str] | bool:
     """``True`` when all external plugins are disabled, else the set of disabled names."""
@@ -34,15 +59,226 @@ def disabled_plugins() -> set[str] | bool:
     return {v.strip() for v in value.split(",") if v.strip()}
 
 
+def _metadata_name(ep: importlib.metadata.EntryPoint) -> str | None:
+    """The distribution's ``Name``, ``None`` when its METADATA has none (a broken installation)."""
+    try:
+        name = ep.dist.name if ep.dist is not None else None
+    except Exception:  # noqa: BLE001  (unreadable metadata)
+        return None
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
+def _dist_name(ep: importlib.metadata.EntryPoint) -> str:
+    """The distribution's name, or, without one, the name of its ``.dist-info`` folder (the only
+    clue left to find it by) or ``"?"``."""
+    name = _metadata_name(ep)
+    if name is not None:
+        return name
+    path = getattr(ep.dist, "_path", None)  # PathDistribution keeps its folder privately
+    return getattr(path, "name", None) or "?"
+
+
+def _dist_version(ep: importlib.metadata.EntryPoint) -> str:
+    try:
+        version = ep.dist.version if ep.dist is not None else None
+    except Exception:  # noqa: BLE001
+        version = None
+    return version if isinstance(version, str) and version else "?"
+
+
 def _is_disabled(ep: importlib.metadata.EntryPoint, disabled: set[str] | bool) -> bool:
     if disabled is True:
         return True
-    dist = ep.dist.name if ep.dist is not None else ""
-    return bool({ep.name, dist, dist.replace("-", "_")} & disabled)  # type: ignore[operator]
+    dist = _metadata_name(ep) or ""
+    return bool(({ep.name, dist, dist.replace("-", "_")} - {""}) & disabled)  # type: ignore[operator]
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+# --- containing foreign code ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _sigint_watch() -> Iterator[Callable[[], bool]]:
+    """Yield ``pressed()``: whether the user pressed Ctrl-C inside the ``with`` block.
+
+    A plugin that raises ``KeyboardInterrupt`` (or ``SystemExit``) at import is contained like any
+    failure, but a real Ctrl-C must still stop vitlab. Both arrive as ``KeyboardInterrupt``; only
+    the user's goes through the SIGINT handler, so it is wrapped while plugins load. Outside the
+    main thread handlers cannot be installed: every ``KeyboardInterrupt`` counts as the user's.
+    """
+    pressed: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT)
+    watch = threading.current_thread() is threading.main_thread() and callable(previous)
+
+    def handler(signum, frame):
+        pressed.append(True)
+        previous(signum, frame)  # normally raises KeyboardInterrupt
+
+    if watch:
+        signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed) or not watch
+    finally:
+        if watch:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """Names of ``vitlab_*`` functions of ``plugin`` that match no hookspec (a misspelling)."""
+    return sorted(
+        caller.name for caller in pm.get_hookcallers(plugin) or ()
+        if not caller.has_spec()
+        and any(i.plugin is plugin and not i.optionalhook for i in caller.get_hookimpls())
+    )
+
+
+class _Stage:
+    """What one plugin registers through its hooks, checked and held back until they have all
+    returned, so that a plugin that fails leaves nothing behind in the registry.
+
+    A problem is recorded rather than raised into the plugin's hook: a hook that catches
+    exceptions around ``register`` cannot hide it.
+    """
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.components: list[ComponentInfo] = []
+        self.ops: list[OpRule] = []
+        self.names: list[tuple[str, str]] = []  # every (kind, name) it tried, valid or not
+        self.problems: list[str] = []
+        self.open = True
+
+    def component(self, cls: Any) -> None:
+        self._check_open()
+        try:  # what it meant to register, for "plugin X that provides it failed" messages
+            kind, name = cls.kind, cls.name
+        except Exception:  # noqa: BLE001  (not a component at all)
+            kind = name = None
+        if isinstance(kind, str) and isinstance(name, str):
+            self.names.append((kind, name))
+        try:
+            self.components.append(check_component(cls, self.provider))
+        except PluginError as exc:
+            self.problems.append(str(exc))
+
+    def op(self, op: Any, *, flops=None, activations=None, free: str | None = None) -> None:
+        self._check_open()
+        try:
+            self.ops.append(check_op(op, self.provider, flops=flops, activations=activations, free=free))
+        except PluginError as exc:
+            self.problems.append(str(exc))
+
+    def _check_open(self) -> None:
+        if not self.open:  # a plugin that kept ``register`` and calls it later (e.g. while building)
+            raise PluginError(f"plugin '{self.provider}' called register() after its hook returned")
+
+
+class _Loader:
+    """Loads plugins into ``pm`` and ``registry``; ``fail`` raises when strict, else records."""
+
+    def __init__(self, pm: pluggy.PluginManager, registry: Registry, strict: bool, user_interrupt: Callable[[], bool]):
+        self.pm, self.registry, self.strict = pm, registry, strict
+        self.user_interrupt = user_interrupt
+        self.builtin = PluginInfo(BUILTIN, BUILTIN, "", "vitlab.components")
+        self.loaded: list[tuple[PluginInfo, str | None]] = []  # (info, VITLAB_DISABLE_PLUGINS value)
+
+    def attempt(self, fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, BaseException | None]:
+        """``(fn(...), None)``, or ``(None, exception)`` for anything foreign code raises but the
+        user's Ctrl-C."""
+        try:
+            return fn(*args, **kwargs), None
+        except BaseException as exc:  # SystemExit and a plugin's own KeyboardInterrupt included
+            if isinstance(exc, KeyboardInterrupt) and self.user_interrupt():
+                raise
+            return None, exc
+
+    def fail(self, info: PluginInfo, skip: str | None, reason: str, *,
+             names: Iterable[tuple[str, str]] = (), complete: bool = False) -> None:
+        failure = PluginFailure(info.name, info.distribution, reason, tuple(names), complete, skip)
+        if self.strict or info is self.builtin:  # a failing built-in is a bug in vitlab: never hidden
+            raise PluginError(failure.message())
+        self.registry.failures.append(failure)
+
+    def drop(self, plugin: object) -> None:
+        """Take a failed plugin out of pluggy too, so ``pm`` holds what the registry holds."""
+        if self.pm.is_registered(plugin):
+            self.pm.unregister(plugin)
+
+    def entry_points(self) -> None:
+        disabled = disabled_plugins()
+        found, exc = self.attempt(lambda: sorted(_entry_points(), key=lambda ep: (_dist_name(ep), ep.name)))
+        if exc is not None:  # e.g. unreadable metadata somewhere on sys.path
+            if disabled is not True:
+                self.fail(PluginInfo("*", "", "", ""), "1", f"listing the '{ENTRY_POINT_GROUP}' entry points raised {describe_exception(exc)}")
+            return
+        for ep in found:
+            info = PluginInfo(ep.name, _dist_name(ep), _dist_version(ep), ep.value)
+            if _is_disabled(ep, disabled):
+                self.registry.disabled.append(info)
+                continue
+            if _metadata_name(ep) is None:
+                self.fail(info, ep.name, "its distribution has no Name in its METADATA (a broken installation: reinstall or remove it)")
+                continue
+            plugin, exc = self.attempt(ep.load)
+            if exc is not None:
+                self.fail(info, ep.name, f"import of '{ep.value}' raised {describe_exception(exc)}")
+                continue
+            self.add(info, plugin, skip=ep.name)
+
+    def add(self, info: PluginInfo, plugin: object, skip: str | None) -> None:
+        """Register ``plugin`` with pluggy under ``info.name``; its hooks run later (``run_hooks``)."""
+        if self.pm.is_registered(plugin):
+            self.fail(info, skip, f"'{info.value}' is already loaded as plugin '{self.pm.get_name(plugin)}'")
+            return
+        if self.pm.get_plugin(info.name) is not None or self.pm.is_blocked(info.name):
+            self.fail(info, skip, f"another plugin is already registered under the name '{info.name}'")
+            return
+        _, exc = self.attempt(self.pm.register, plugin, name=info.name)
+        if exc is not None:  # pluggy rejects malformed hook implementations, possibly half-way
+            self.drop(plugin)
+            self.fail(info, skip, describe_exception(exc))
+            return
+        unknown = _unknown_hooks(self.pm, plugin)
+        if unknown:  # a misspelled vitlab_* hook: it would silently never be called
+            self.drop(plugin)
+            self.fail(info, skip, "; ".join(unknown_choice("hook", name, HOOKS) for name in unknown))
+            return
+        self.loaded.append((info, skip))
+
+    def run_hooks(self, info: PluginInfo, skip: str | None) -> None:
+        """Call the plugin's hooks and commit what it registered, or record why it failed."""
+        plugin = self.pm.get_plugin(info.name)
+        stage = _Stage(info.distribution)
+        hooks = ((self.pm.hook.vitlab_register_components, stage.component), (self.pm.hook.vitlab_flop_handles, stage.op))
+        try:
+            for hook, register in hooks:
+                for impl in hook.get_hookimpls():
+                    if impl.plugin_name != info.name:
+                        continue
+                    if impl.hookwrapper or getattr(impl, "wrapper", False):
+                        stage.problems.append(f"{hook.name} is a hook wrapper; vitlab calls it once, as a plain hook")
+                        continue
+                    kwargs = {"register": register} if "register" in impl.argnames else {}
+                    _, exc = self.attempt(impl.function, **kwargs)
+                    if exc is not None:
+                        self.drop(plugin)
+                        self.fail(info, skip, f"{hook.name} raised {describe_exception(exc)}", names=stage.names)
+                        return
+        finally:
+            stage.open = False
+        try:
+            if stage.problems:
+                raise PluginError("; ".join(stage.problems))
+            self.registry.commit(stage.components, stage.ops, allow_ambiguous=not self.strict)
+        except PluginError as exc:
+            self.drop(plugin)
+            self.fail(info, skip, str(exc), names=stage.names, complete=True)
+            return
+        info.components = [(c.kind, c.name) for c in stage.components]
+        if info is not self.builtin:
+            self.registry.plugins.append(info)
 
 
 def make_plugin_manager(
@@ -54,7 +290,9 @@ def make_plugin_manager(
         entry_points: load external plugins from the ``vitlab`` entry-point group.
         plugins: extra ``(name, plugin)`` pairs registered after the entry points (tests use this).
         strict: raise ``PluginError`` for a plugin that fails to load; otherwise record it in
-            ``registry.failures`` and go on (``vitlab plugins`` shows them).
+            ``registry.failures``, register nothing of it, and go on (``vitlab plugins`` and
+            ``registry.warnings()`` show them). Strict also refuses a component name registered
+            by two plugins, which lenient loading makes ambiguous instead.
     """
     components = importlib.import_module("vitlab.components")  # built-ins, registered like any plugin
 
@@ -63,80 +301,54 @@ def make_plugin_manager(
     registry = Registry()
     pm.register(components, name=BUILTIN)
 
-    def fail(name: str, dist: str, reason: str) -> None:
-        if strict:
-            raise PluginError(
-                f"plugin '{name}' from distribution '{dist}' failed: {reason} "
-                f"(set {DISABLE_ENV}={name} to skip it)"
-            )
-        registry.failures.append(PluginFailure(name, dist, reason))
-
-    if entry_points:
-        disabled = disabled_plugins()
-        for ep in _entry_points():
-            if _is_disabled(ep, disabled):
-                continue
-            dist = ep.dist.name if ep.dist is not None else "?"
-            version = ep.dist.version if ep.dist is not None else "?"
-            try:
-                plugin = ep.load()
-            except Exception as exc:  # any import-time failure of foreign code
-                fail(ep.name, dist, f"import of '{ep.value}' raised {type(exc).__name__}: {exc}")
-                continue
-            if pm.is_registered(plugin) or pm.get_plugin(ep.name) is not None:
-                fail(ep.name, dist, f"'{ep.value}' is already registered under another name")
-                continue
-            try:
-                pm.register(plugin, name=ep.name)
-            except Exception as exc:  # pluggy rejects malformed hook implementations
-                fail(ep.name, dist, f"{type(exc).__name__}: {exc}")
-                continue
-            registry.plugins.append(PluginInfo(ep.name, dist, version, ep.value))
-    for name, plugin in plugins:
-        pm.register(plugin, name=name)
-        registry.plugins.append(PluginInfo(name, name, "", repr(plugin)))
-    try:
-        pm.check_pending()  # a misspelled vitlab_* hook fails here, at start-up
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin '{exc.plugin}' implements an unknown hook: {exc}") from None
-
-    infos = {p.name: p for p in registry.plugins}
-    hooks = (
-        (pm.hook.vitlab_register_components, lambda provider, info: functools.partial(_register_one, registry, provider, info)),
-        (pm.hook.vitlab_flop_handles, lambda provider, info: functools.partial(registry.register_op, provider=provider)),
-    )
-    for hook, make_register in hooks:
-        # registration order: built-ins first, so a duplicate names the built-in as the first provider
-        for impl in hook.get_hookimpls():
-            name = impl.plugin_name
-            info = infos.get(name)
-            provider = BUILTIN if name == BUILTIN else (info.distribution if info and info.distribution != name else name)
-            try:
-                impl.function(register=make_register(provider, info))
-            except PluginError as exc:
-                if strict:
-                    raise
-                registry.failures.append(PluginFailure(name, info.distribution if info else name, str(exc)))
-            except Exception as exc:
-                fail(name, info.distribution if info else name, f"{hook.name} raised {type(exc).__name__}: {exc}")
+    with _sigint_watch() as user_interrupt:
+        loader = _Loader(pm, registry, strict, user_interrupt)
+        if entry_points:
+            loader.entry_points()
+        for name, plugin in plugins:
+            loader.add(PluginInfo(name, name, "", repr(plugin)), plugin, skip=None)
+        try:
+            pm.check_pending()  # per-plugin checks above make this pass; it guards the built-ins
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin '{exc.plugin}' implements an unknown hook: {exc}") from None
+        # built-ins first: a clash names the built-in first, and they are the first rule of an op
+        for info, skip in [(loader.builtin, None), *loader.loaded]:
+            loader.run_hooks(info, skip)
     return pm, registry
 
 
-def _register_one(registry: Registry, provider: str, info: PluginInfo | None, cls: type) -> None:
-    entry = registry.register(cls, provider)
-    if info is not None:
-        info.components.append((entry.kind, entry.name))
-
+# --- the process-wide registry ---------------------------------------------------------------------
 
 _REGISTRY: Registry | None = None
+_ECHO: Callable[[str], Any] | None = None
 
 
 def get_registry() -> Registry:
-    """The process-wide registry (built-ins plus installed plugins), built on first use."""
+    """The process-wide registry (built-ins plus installed plugins), built leniently on first use:
+    a broken plugin is in ``failures`` and the rest work."""
     global _REGISTRY
     if _REGISTRY is None:
-        _REGISTRY = make_plugin_manager()[1]
+        _REGISTRY = make_plugin_manager(strict=False)[1]
+        _report(_REGISTRY)
     return _REGISTRY
+
+
+def report_failures(echo: Callable[[str], Any]) -> None:
+    """Send ``warning: ...`` lines about the process-wide registry to ``echo``, once per registry:
+    now if it is built, else as soon as ``get_registry()`` builds it (so a command that never
+    reads components never loads plugins). The CLI calls this once before running a command."""
+    global _ECHO
+    _ECHO = echo
+    if _REGISTRY is not None:
+        _report(_REGISTRY)
+
+
+def _report(registry: Registry) -> None:
+    if _ECHO is None or registry._warned:
+        return
+    registry._warned = True
+    for line in registry.warnings():
+        _ECHO(f"warning: {line}")
 
 
 def reset_registry() -> None:

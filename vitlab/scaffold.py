@@ -3,18 +3,29 @@
 The package (distribution ``vitlab-NAME``, module ``vitlab_NAME``) has a ``pyproject.toml`` with
 the entry point in the ``vitlab`` group, a component skeleton with a ``Params`` model and a
 ``check`` constraint, a recipe that uses it and a test. ``pip install -e DIR`` then ``pytest DIR``
-passes as generated; the skeleton is a working starting point to edit.
+passes as generated; the skeleton is a working starting point to edit. The files come from the
+templates in ``vitlab/templates/plugin`` (``string.Template``: ``$name`` placeholders).
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
+import string
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from .component import KINDS
-from .errors import VitlabError
+from .errors import VitlabError, path_label
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+# The generated files are string.Template files in the package (vitlab/templates/plugin): one per
+# generated file, plus per kind a component body (kinds/KIND.py.tmpl) and, where the recipe needs
+# more than the shared sizes, extra recipe lines (kinds/KIND.recipe.yaml, e.g. a transition's
+# stages). Placeholders: $dist, $module, $component, $entry_point, $cls, $kind, $vitlab_version,
+# $body (the component) and $recipe_extra; a literal dollar is $$.
+_TEMPLATES = ("templates", "plugin")
 
 
 @dataclass(frozen=True)
@@ -43,19 +54,30 @@ class PluginNames:
         return cls(name, kind, f"vitlab-{base}", f"vitlab_{ident}", ident, ident, camel or "Component")
 
 
+def _template(*parts: str) -> string.Template:
+    """A template file of ``vitlab/templates/plugin`` (read through importlib.resources, so it is
+    found inside an installed wheel as well as in the repository)."""
+    return string.Template(resources.files(__package__).joinpath(*_TEMPLATES, *parts).read_text(encoding="utf-8"))
+
+
 def _files(n: PluginNames, vitlab_version: str) -> dict[str, str]:
-    body = _COMPONENTS[n.kind].format(cls=n.cls, component=n.component).strip("\n")
+    """Relative path -> text of every generated file."""
     subs = {
         "dist": n.dist, "module": n.module, "component": n.component, "entry_point": n.entry_point,
-        "cls": n.cls, "kind": n.kind, "vitlab_version": vitlab_version, "body": body,
-        "recipe_extra": _RECIPE_EXTRA.get(n.kind, ""),
+        "cls": n.cls, "kind": n.kind, "vitlab_version": vitlab_version,
     }
+    extra = resources.files(__package__).joinpath(*_TEMPLATES, "kinds", f"{n.kind}.recipe.yaml")
+    subs["recipe_extra"] = extra.read_text(encoding="utf-8") if extra.is_file() else ""
+    # substitute() (not safe_substitute): a placeholder without a value is a bug in a template, not
+    # text to leave in the generated package. Substituted values are not scanned again, so the
+    # body may contain '$'.
+    subs["body"] = _template("kinds", f"{n.kind}.py.tmpl").substitute(subs).strip("\n")
     return {
-        "pyproject.toml": _PYPROJECT.format(**subs),
-        "README.md": _README.format(**subs),
-        f"src/{n.module}/__init__.py": _MODULE.format(**subs),
-        f"recipes/{n.component}.yaml": _RECIPE.format(**subs),
-        f"tests/test_{n.module}.py": _TEST.format(**subs),
+        "pyproject.toml": _template("pyproject.toml.tmpl").substitute(subs),
+        "README.md": _template("README.md.tmpl").substitute(subs),
+        f"src/{n.module}/__init__.py": _template("__init__.py.tmpl").substitute(subs),
+        f"recipes/{n.component}.yaml": _template("recipe.yaml.tmpl").substitute(subs),
+        f"tests/test_{n.module}.py": _template("test_plugin.py.tmpl").substitute(subs),
     }
 
 
@@ -63,8 +85,8 @@ def scaffold(name: str, kind: str, out_dir: str | Path | None = None, *, registr
     """Write the plugin package for ``name`` / ``kind`` into ``out_dir`` (default ``./NAME``).
 
     Raises:
-        VitlabError: bad name or kind, a component of that kind and name already registered, or
-            ``out_dir`` exists and is not empty (nothing is written then).
+        VitlabError: bad name or kind, a component of that kind and name already registered,
+            ``out_dir`` exists and is not empty, or cannot be written (nothing is left written then).
     """
     from . import __version__
 
@@ -77,348 +99,30 @@ def scaffold(name: str, kind: str, out_dir: str | Path | None = None, *, registr
         provider = registry.get(kind, n.component).provider
         raise VitlabError(f"{kind} '{n.component}' is already registered by '{provider}'; choose another plugin name")
     target = Path(out_dir) if out_dir is not None else Path(name)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise VitlabError(f"{target} already exists and is not an empty directory; refusing to overwrite it (choose another -o DIR)")
-    written = []
-    for rel, text in _files(n, __version__).items():
-        path = target / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
+    label = path_label(target)
+    files = _files(n, __version__)  # rendered first: a broken template writes nothing
+    try:
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise VitlabError(f"{label} already exists and is not an empty directory; refusing to overwrite it "
+                              "(choose another -o DIR)")
+        # the outermost folder this call creates (None: target is an existing empty folder)
+        created = next((p for p in reversed([target, *target.parents]) if not p.exists()), None)
+        written = []
+        try:
+            for rel, text in files.items():
+                path = target / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text, encoding="utf-8")
+                written.append(path)
+        except OSError:
+            # half a package is worse than none: remove what this call created
+            for path in [created] if created is not None else list(target.iterdir()):  # it was empty before
+                with contextlib.suppress(OSError):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            raise
+    except OSError as exc:  # a read-only folder, a parent that is a file, a name too long
+        raise VitlabError(f"cannot write {label}: {exc.strerror or exc}") from None
     return written
-
-
-# --- templates -----------------------------------------------------------------------------------------
-# str.format templates: literal braces are doubled.
-
-_PYPROJECT = '''\
-[build-system]
-requires = ["hatchling>=1.18"]
-build-backend = "hatchling.build"
-
-[project]
-name = "{dist}"
-version = "0.1.0"
-description = "vitlab plugin: {kind} '{component}'"
-readme = "README.md"
-requires-python = ">=3.11"
-dependencies = ["vitlab>={vitlab_version}"]
-
-[project.optional-dependencies]
-test = ["pytest>=8"]
-
-# vitlab finds plugins through this entry-point group: NAME = "module with the hook"
-[project.entry-points.vitlab]
-{entry_point} = "{module}"
-
-[tool.hatch.build.targets.wheel]
-packages = ["src/{module}"]
-
-[tool.pytest.ini_options]
-testpaths = ["tests"]
-'''
-
-_README = '''\
-# {dist}
-
-A vitlab plugin that registers the {kind} **`{component}`** (generated by `vitlab new-plugin`).
-
-```bash
-pip install -e .                                  # registers entry point `{entry_point}` in the `vitlab` group
-vitlab plugins                                    # {dist} and what it registers
-vitlab components {kind}                          # `{component}` with its params
-vitlab build recipes/{component}.yaml --device cpu
-pytest                                            # the plugin's tests
-```
-
-In a recipe:
-
-```yaml
-{kind}: {{name: {component}, params: {{}}}}
-```
-
-Edit `src/{module}/__init__.py`: the component class declares its `Params` (a pydantic model;
-unknown keys are refused), its constraints in `check` (raise `ValueError`), and builds from the
-`BuildContext` it is given. See vitlab's `docs/plugins.md`.
-'''
-
-_MODULE = '''\
-"""vitlab plugin {dist}: {kind} '{component}'.
-
-vitlab calls ``vitlab_register_components`` once when it builds its registry (the entry point in
-``pyproject.toml`` points at this module). Every component subclasses the base of its kind,
-names itself, declares ``Params`` and builds from the ``BuildContext`` (shared sizes, device).
-"""
-from __future__ import annotations
-
-from typing import Literal
-
-import torch
-import torch.nn.functional as F
-from pydantic import Field
-from torch import nn
-
-import vitlab
-
-__version__ = "0.1.0"
-
-
-{body}
-
-
-COMPONENTS = ({cls},)
-
-
-@vitlab.hookimpl
-def vitlab_register_components(register) -> None:
-    for cls in COMPONENTS:
-        register(cls)
-'''
-
-_RECIPE = '''\
-# A small ViT using {kind} '{component}' from {dist}:
-#   vitlab build recipes/{component}.yaml --device cpu
-name: tiny_{component}
-img_size: 32
-patch_size: 8
-embed_dim: 64
-depth: 2
-num_heads: 4
-num_classes: 10
-{recipe_extra}{kind}: {{name: {component}}}
-'''
-
-_RECIPE_EXTRA: dict[str, str] = {}
-
-_TEST = '''\
-"""Tests of {dist} (generated by `vitlab new-plugin`): ``pip install -e .`` then ``pytest``."""
-from __future__ import annotations
-
-from pathlib import Path
-
-import pytest
-import torch
-
-import vitlab
-from {module} import {cls}
-
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "{component}.yaml"
-
-
-def test_registered_through_the_entry_point():
-    info = vitlab.get_registry().get("{kind}", "{component}")
-    assert info.cls is {cls}
-    assert info.provider == "{dist}"
-
-
-def test_recipe_builds_and_runs():
-    spec = vitlab.load_spec(RECIPE)
-    assert spec.{kind}.name == "{component}"
-    model = vitlab.build_model(spec, seed=0).eval()
-    with torch.no_grad():
-        out = model(torch.randn(2, spec.in_chans, *spec.img_hw))
-    assert out.shape == (2, spec.num_classes)
-    assert torch.isfinite(out).all()
-
-
-def test_unknown_params_are_refused():
-    with pytest.raises(vitlab.SpecError, match="unknown parameter 'no_such_param'"):
-        vitlab.load_spec(RECIPE, overrides={{"{kind}.params.no_such_param": 1}})
-
-
-def test_flops_and_params_are_counted():
-    report = vitlab.analyze(RECIPE, second_opinion=False)
-    assert report.flops > 0 and report.params > 0
-    # every operator is either counted or free by vitlab's conventions (see docs/plugins.md)
-    assert not report.unsupported, f"operators vitlab cannot count: {{report.unsupported}}"
-'''
-
-# One skeleton per kind: small, working, and showing the parts a component has.
-_COMPONENTS: dict[str, str] = {
-    "patch_embed": '''
-class {cls}(vitlab.PatchEmbed):
-    """Strided-convolution patchify with a scale on the tokens (edit me)."""
-
-    name = "{component}"
-
-    class Params(vitlab.PatchEmbed.Params):
-        bias: bool = Field(True, description="bias of the projection")
-        scale: float = Field(1.0, gt=0.0, description="multiplies the patch tokens")
-
-    # grid_size(img_size, patch_size, params) -> (rows, cols): the default needs the image to
-    # divide into patches; override it for embedders that pad or downsample differently.
-
-    @classmethod
-    def check(cls, ctx: vitlab.BuildContext, params: Params) -> None:
-        """Constraints on the shared sizes: raise ValueError, checked when a recipe is validated."""
-        if ctx.patch_size[0] < 2 or ctx.patch_size[1] < 2:
-            raise ValueError(f"needs patches of at least 2x2 pixels, got {{ctx.patch_size}}")
-
-    def __init__(self, ctx: vitlab.BuildContext, params: Params):
-        super().__init__(ctx, params)
-        self.scale = params.scale
-        self.proj = nn.Conv2d(
-            ctx.in_chans, ctx.embed_dim, kernel_size=ctx.patch_size, stride=ctx.patch_size,
-            bias=params.bias, **ctx.factory_kwargs,
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> patch tokens (B, rows * cols, D), row-major."""
-        return self.proj(x).flatten(2).transpose(1, 2) * self.scale
-''',
-    "pos_embed": '''
-class {cls}(vitlab.PosEncoding):
-    """Learned table added to the patch tokens, times a scale (edit me)."""
-
-    name = "{component}"
-
-    class Params(vitlab.PosEncoding.Params):
-        scale: float = Field(1.0, gt=0.0, description="multiplies the table")
-
-    @classmethod
-    def check(cls, ctx: vitlab.BuildContext, params: Params) -> None:
-        """Constraints on the shared sizes: raise ValueError, checked when a recipe is validated."""
-        if ctx.dynamic_img_size:
-            raise ValueError("has a table for one patch grid; set dynamic_img_size: false")
-
-    def __init__(self, ctx: vitlab.BuildContext, params: Params):
-        super().__init__(ctx, params)
-        self.scale = params.scale
-        self.skip = ctx.num_prefix_tokens  # class / register tokens come first and get nothing
-        self.weight = nn.Parameter(torch.empty(1, ctx.num_patches, ctx.embed_dim, **ctx.factory_kwargs))
-        nn.init.trunc_normal_(self.weight, std=0.02)
-
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """All tokens (B, P + N, D), prefix first, and the patch grid -> same shape."""
-        return torch.cat([x[:, : self.skip], x[:, self.skip :] + self.weight * self.scale], dim=1)
-
-    # To act inside attention instead (as RoPE does), return a function (q, k) -> (q, k) on
-    # (B, heads, N, head_dim) tensors from qk_transform(grid); every attention layer applies it.
-    def qk_transform(self, grid: tuple[int, int]):
-        return None
-''',
-    "attention": '''
-class {cls}(vitlab.Attention):
-    """Multi-head softmax attention with a temperature (edit me)."""
-
-    name = "{component}"
-
-    class Params(vitlab.Attention.Params):
-        qkv_bias: bool = Field(True, description="bias of the q, k, v projection")
-        temperature: float = Field(1.0, gt=0.0, description="divides the logits: > 1 flattens attention")
-
-    @classmethod
-    def check(cls, ctx: vitlab.BuildContext, params: Params) -> None:
-        """Constraints on the shared sizes: raise ValueError, checked when a recipe is validated."""
-        if ctx.head_dim < 4:
-            raise ValueError(f"needs head_dim (embed_dim / num_heads) of at least 4, got {{ctx.head_dim}}")
-
-    def __init__(self, ctx: vitlab.BuildContext, params: Params):
-        super().__init__(ctx, params)
-        self.num_heads, self.head_dim = ctx.num_heads, ctx.head_dim
-        self.temperature = params.temperature
-        self.qkv = nn.Linear(ctx.embed_dim, 3 * ctx.embed_dim, bias=params.qkv_bias, **ctx.factory_kwargs)
-        self.proj = nn.Linear(ctx.embed_dim, ctx.embed_dim, **ctx.factory_kwargs)
-
-    def forward(self, x: torch.Tensor, qk_transform=None) -> torch.Tensor:
-        """Tokens (B, N, D) -> (B, N, D). ``qk_transform`` comes from the position encoding
-        (e.g. RoPE): apply it to q and k without knowing what it is."""
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q = q / self.temperature
-        if qk_transform is not None:
-            q, k = qk_transform(q, k)
-        # attend(): the fused kernel normally; while record_maps is set (vitlab attention) it
-        # computes the probabilities explicitly and keeps them in self.attn_map.
-        out = self.attend(q, k, v)  # (B, heads, N, head_dim)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
-''',
-    "mlp": '''
-class {cls}(vitlab.Mlp):
-    """Two-layer MLP with a choice of activation (edit me)."""
-
-    name = "{component}"
-
-    class Params(vitlab.Mlp.Params):
-        act: Literal["gelu", "relu", "silu"] = Field("gelu", description="activation between the layers")
-        bias: bool = True
-
-    @classmethod
-    def check(cls, ctx: vitlab.BuildContext, params: Params) -> None:
-        """Constraints on the shared sizes: raise ValueError, checked when a recipe is validated."""
-        if ctx.mlp_hidden_dim < 1:
-            raise ValueError("needs mlp_ratio * embed_dim >= 1")
-
-    def __init__(self, ctx: vitlab.BuildContext, params: Params):
-        super().__init__(ctx, params)
-        fk = ctx.factory_kwargs
-        self.fc1 = nn.Linear(ctx.embed_dim, ctx.mlp_hidden_dim, bias=params.bias, **fk)
-        self.act = {{"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}}[params.act]()
-        self.fc2 = nn.Linear(ctx.mlp_hidden_dim, ctx.embed_dim, bias=params.bias, **fk)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-''',
-    "norm": '''
-class {cls}(vitlab.Norm):
-    """RMS normalisation with a learned scale (edit me)."""
-
-    name = "{component}"
-
-    class Params(vitlab.Norm.Params):
-        eps: float = Field(1e-6, gt=0.0)
-
-    def __init__(self, ctx: vitlab.BuildContext, params: Params, dim: int | None = None):
-        super().__init__(ctx, params, dim)
-        self.dim = dim or ctx.embed_dim  # qk-norm builds norms over head_dim
-        self.eps = params.eps
-        self.weight = nn.Parameter(torch.ones(self.dim, **ctx.factory_kwargs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.dim,), self.weight, self.eps)
-''',
-    "block": '''
-class {cls}(vitlab.Block):
-    """Pre-norm block with learned gates on both residual branches (edit me)."""
-
-    name = "{component}"
-
-    class Params(vitlab.Block.Params):
-        gate_init: float = Field(1.0, ge=0.0, description="initial value of the branch gates")
-
-    def __init__(self, ctx: vitlab.BuildContext, params: Params):
-        super().__init__(ctx, params)
-        # ctx.make(kind) builds the recipe's own choice of that kind
-        self.norm1, self.attn = ctx.make("norm"), ctx.make("attention")
-        self.norm2, self.mlp = ctx.make("norm"), ctx.make("mlp")
-        self.gate1 = nn.Parameter(torch.full((1,), params.gate_init, **ctx.factory_kwargs))
-        self.gate2 = nn.Parameter(torch.full((1,), params.gate_init, **ctx.factory_kwargs))
-
-    def forward(self, x: torch.Tensor, qk_transform=None) -> torch.Tensor:
-        x = x + self.gate1 * self.attn(self.norm1(x), qk_transform)
-        return x + self.gate2 * self.mlp(self.norm2(x))
-''',
-    "pool": '''
-class {cls}(vitlab.Pool):
-    """Mean over the tokens, optionally including the prefix tokens (edit me)."""
-
-    name = "{component}"
-
-    class Params(vitlab.Pool.Params):
-        include_prefix: bool = Field(False, description="also average the class / register tokens")
-
-    @classmethod
-    def check(cls, ctx: vitlab.BuildContext, params: Params) -> None:
-        """Constraints on the shared sizes: raise ValueError, checked when a recipe is validated."""
-        if params.include_prefix and not ctx.num_prefix_tokens:
-            raise ValueError("include_prefix: true needs a class token or register tokens")
-
-    def __init__(self, ctx: vitlab.BuildContext, params: Params):
-        super().__init__(ctx, params)
-        self.start = 0 if params.include_prefix else ctx.num_prefix_tokens
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, P + N, D) -> features (B, D)."""
-        return x[:, self.start :].mean(dim=1)
-''',
-}

@@ -24,14 +24,13 @@ class CosineAttention(Attention):
         self.qkv = nn.Linear(ctx.embed_dim, 3 * ctx.embed_dim, **ctx.factory_kwargs)
         self.proj = nn.Linear(ctx.embed_dim, ctx.embed_dim, **ctx.factory_kwargs)
 
-    def forward(self, x, qk_transform=None):
+    def forward(self, x, state):
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        if qk_transform is not None:
-            q, k = qk_transform(q, k)
+        q, k = state.transform_qk(q, k)
         # attend() divides by sqrt(head_dim); undo it so the logits are scale * cos
-        x = self.attend(q * self.scale * self.head_dim ** 0.5, k, v)
+        x = self.attend(q * self.scale * self.head_dim ** 0.5, k, v, bias=state.attn_bias)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 

@@ -3,22 +3,28 @@ free and unsupported operators, and the ``FlopCounterMode`` second opinion.
 
 Counting needs shapes, not values. vitlab's own models are therefore traced on the meta device
 (no memory, no arithmetic): the jit trace records the same operators with the same shapes as on
-CPU. The one exception is ``nn.Conv*`` (torch's meta convolution cannot be traced), which runs on
-CPU with zero weights for the duration of the trace -- the patch embedding, a fraction of a percent
-of the work. Anything else that cannot run on meta tensors raises, and the caller retries with real
-(zero) weights; nothing silently changes a count.
+CPU. The one exception is ``nn.Conv*``: torch's meta convolution cannot be jit-traced, so for the
+duration of the trace a meta convolution calls a stand-in (:data:`META_CONV_OPS`), an operator with
+the signature of ``aten::_convolution`` whose only kernel (Meta) gives the output's shape and no
+storage. It is counted by whatever counts ``aten::_convolution`` and reported under that name, so
+a count on meta tensors equals one on real weights, and a 4096 px image with 1 px patches costs no
+more memory than a 224 px one. Anything else that cannot run on meta tensors raises, and the caller
+retries with real (zero) weights; nothing silently changes a count.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..registry import Registry
 from .handles import ACTS, FLOPS, FREE, combined_handles
 from .report import KIND_KEYS
 
@@ -45,17 +51,71 @@ class Counts:
 
 # --- tracing ----------------------------------------------------------------------------------------
 
-def _conv_on_cpu(conv: nn.Module):
-    """A forward for a meta ``nn.Conv*`` that runs the same convolution on CPU zeros and hands
-    a meta tensor on: the traced graph holds a real ``aten::_convolution`` with the true shapes."""
-    weight = torch.zeros(conv.weight.shape, dtype=conv.weight.dtype)
-    bias = torch.zeros(conv.bias.shape, dtype=conv.bias.dtype) if conv.bias is not None else None
+# Stand-ins traced for meta ``nn.Conv*``, by the operator a real convolution traces as: the same
+# arguments in the same order, so fvcore's ``conv_flop_jit`` and any plugin rule written for the
+# aten operator read them unchanged. :func:`trace` counts each with the aten operator's handle and
+# reports it under the aten name. ``_convolution_mode`` is what ``padding="same"/"valid"`` traces as.
+_FLAGS = "bool benchmark, bool deterministic, bool cudnn_enabled, bool allow_tf32"
+META_CONV_OPS: dict[str, tuple[str, str]] = {
+    "aten::_convolution": (
+        "vitlab_count::convolution",
+        "Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
+        f"bool transposed, SymInt[] output_padding, SymInt groups, {_FLAGS}",
+    ),
+    "aten::_convolution_mode": (
+        "vitlab_count::convolution_mode",
+        "Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, str padding, SymInt[] dilation, SymInt groups",
+    ),
+}
+ATEN_OF_STAND_IN = {stand_in: aten for aten, (stand_in, _) in META_CONV_OPS.items()}
+
+
+def _shape_only(x, weight, bias, stride, padding, dilation, *rest):
+    """The stand-ins' one kernel (Meta): the output as a meta tensor, shape and dtype, no storage.
+    Inside an operator's kernel the jit tracer is off, so torch's meta convolution works here."""
+    if isinstance(padding, str):  # _convolution_mode: (..., padding, dilation, groups)
+        return torch.ops.aten._convolution_mode(x, weight, bias, stride, padding, dilation, rest[0])
+    transposed, output_padding, groups = rest[:3]
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+
+
+@functools.cache
+def _stand_ins() -> dict[str, Any]:
+    """Define the stand-in operators once per process (a second ``define`` would raise):
+    aten name -> the callable ``torch.ops`` operator."""
+    lib = torch.library.Library("vitlab_count", "FRAGMENT")
+    ops = {}
+    for aten, (stand_in, args) in META_CONV_OPS.items():
+        name = stand_in.partition("::")[2]
+        if not hasattr(torch.ops.vitlab_count, name):  # defined already by an earlier import (a reload)
+            lib.define(f"{name}({args}) -> Tensor")
+            lib.impl(name, _shape_only, "Meta")
+        ops[aten] = getattr(torch.ops.vitlab_count, name)
+    ops["_lib"] = lib  # the registrations live as long as the Library object
+    return ops
+
+
+def _conv_on_meta(conv: nn.Module):
+    """A forward for a meta ``nn.Conv*`` that traces as its stand-in with the true shapes and
+    allocates nothing. (Running it on CPU zeros instead, as vitlab used to, allocates the output:
+    12.9 GB for 1 px patches of a 4096 px image.) The arguments are those ``F.conv*d`` passes."""
+    ops = _stand_ins()
+    nd = len(conv.kernel_size)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "meta":
             return type(conv).forward(conv, x)
-        real = torch.zeros(x.shape, dtype=x.dtype)
-        return conv._conv_forward(real, weight, bias).to("meta")
+        stride, dilation = list(conv.stride), list(conv.dilation)
+        if conv.padding_mode != "zeros":  # reflect / replicate / circular: padded first, as _conv_forward does
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = [0] * nd
+        else:
+            padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
+        if isinstance(padding, str):
+            return ops["aten::_convolution_mode"](x, conv.weight, conv.bias, stride, padding, dilation, conv.groups)
+        # the backend flags: what F.conv*d passes on CPU (fvcore ignores them)
+        return ops["aten::_convolution"](x, conv.weight, conv.bias, stride, padding, dilation, False, [0] * nd,
+                                         conv.groups, False, False, True, True)
 
     return forward
 
@@ -65,7 +125,7 @@ def meta_convolutions(module: nn.Module) -> Iterator[None]:
     patched = []
     for m in module.modules():
         if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.weight.device.type == "meta":
-            m.forward = _conv_on_cpu(m)
+            m.forward = _conv_on_meta(m)
             patched.append(m)
     try:
         yield
@@ -74,21 +134,50 @@ def meta_convolutions(module: nn.Module) -> Iterator[None]:
             del m.forward
 
 
-def trace(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Counts:
+def _registry_for(module: nn.Module, registry: Registry | None) -> Registry:
+    """``registry``, else the one ``module`` was built with (``VisionTransformer.registry``), else
+    the process-wide one: a model counted with another registry active keeps its own rules."""
+    if registry is not None:
+        return registry
+    own = getattr(module, "registry", None)
+    if isinstance(own, Registry):
+        return own
+    from ..plugins import get_registry
+
+    return get_registry()
+
+
+def component_scopes(module: nn.Module, registry: Registry) -> dict[str, str]:
+    """Module name -> provider, for every submodule that is a registered component: what lets an
+    operator inside a plugin's component be counted by that plugin's own rule."""
+    providers = registry.component_providers()
+    return {name: providers[type(m)] for name, m in module.named_modules() if type(m) in providers}
+
+
+def trace(module: nn.Module, inputs: tuple[torch.Tensor, ...], registry: Registry | None = None) -> Counts:
     """fvcore's ``JitModelAnalysis`` with vitlab's combined handles: one trace gives FLOPs,
-    activations and free-op tallies per module."""
+    activations and free-op tallies per module.
+
+    ``registry``: whose operator rules count (default: the one the module was built with, else
+    the process-wide one)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore's import scripts functions: torch.jit deprecation
         from fvcore.nn.jit_analysis import JitModelAnalysis
 
-    analysis = JitModelAnalysis(module, inputs).set_op_handle(**combined_handles())
+    registry = _registry_for(module, registry)
+    handles = combined_handles(registry, component_scopes(module, registry))
+    for stand_in, aten in ATEN_OF_STAND_IN.items():
+        if aten in handles:  # the combined handle files its counts under the aten name already
+            handles[stand_in] = handles[aten]
+    analysis = JitModelAnalysis(module, inputs).set_op_handle(**handles)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with warnings.catch_warnings(), meta_convolutions(module), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit deprecation and tracer warnings
         stats = analysis.by_module_and_operator()
     return Counts(
         by_module_op={k: Counter(v) for k, v in stats.items()},
-        unsupported=Counter(analysis.unsupported_ops("")),
+        # a stand-in nobody counts is unsupported under the name a real convolution has
+        unsupported=Counter({ATEN_OF_STAND_IN.get(op, op): n for op, n in analysis.unsupported_ops("").items()}),
     )
 
 
@@ -113,9 +202,14 @@ def flop_counter_total(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> i
     return int(counter.get_total_flops())
 
 
-def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], second_opinion: bool = True) -> Counts:
-    """Trace ``module`` on ``inputs`` (wherever they live) and, optionally, run ``FlopCounterMode``."""
-    counts = trace(module, inputs)
+def count(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], second_opinion: bool = True, registry: Registry | None = None
+) -> Counts:
+    """Trace ``module`` on ``inputs`` (wherever they live) and, optionally, run ``FlopCounterMode``.
+
+    ``registry``: whose operator rules count; pass the model's (``model.registry``) when
+    ``module`` is a wrapper around parts of it. Default: ``module.registry``, else the process one."""
+    counts = trace(module, inputs, registry)
     if second_opinion:
         counts.flop_counter = flop_counter_total(module, inputs)
     return counts

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 from collections import Counter
 from math import prod
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, NamedTuple
+
+from ..registry import BUILTIN, OpRule, Registry
 
 # --- free operators, with why ---------------------------------------------------------------------
 
@@ -124,52 +126,98 @@ NORM_OPS = frozenset({"aten::layer_norm", "aten::group_norm", "aten::instance_no
 """Operators ``torch.utils.flop_counter.FlopCounterMode`` does not count (its known difference)."""
 
 
-def _op_rules(registry=None) -> dict:
-    """Operator rules declared through ``vitlab_flop_handles`` (built-ins and plugins alike)."""
-    if registry is None:
-        from ..plugins import get_registry
-
-        registry = get_registry()
-    return registry.op_rules
-
-
-def flop_handles(registry=None) -> dict[str, Callable]:
-    """fvcore's default FLOP handles plus those declared by vitlab and plugins (imports fvcore)."""
-    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
-
-    declared = {op: r.flops for op, r in _op_rules(registry).items() if r.flops is not None}
-    return {**_DEFAULT_SUPPORTED_OPS, **declared}
+# --- which rule counts an operator -------------------------------------------------------------------
+#
+# Rules come from ``vitlab_flop_handles`` (``registry.op_declarations``: built-ins and plugins
+# alike) and from fvcore. Inside a component, the innermost enclosing component whose plugin
+# declared the operator decides; everywhere else the built-ins' declaration, then fvcore's
+# handles, then the first plugin's declaration. So a plugin counts its own components as it says
+# without changing how anyone else's are counted, and two plugins may declare the same operator.
 
 
-def activation_handles(registry=None) -> dict[str, Callable]:
+class Counting(NamedTuple):
+    """How one operator is counted: fvcore-style handles (or ``None``) and, if free, the reason."""
+
+    flops: Callable[[list[Any], list[Any]], Any] | None
+    activations: Callable[[list[Any], list[Any]], Any] | None
+    free: str | None
+
+
+def _declared(rule: OpRule) -> Counting:
+    return Counting(rule.flops, rule.activations, rule.free)
+
+
+def _fvcore_handles() -> tuple[dict[str, Callable], dict[str, Callable]]:
+    from fvcore.nn.activation_count import _DEFAULT_SUPPORTED_OPS as acts
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS as flops
+
+    return flops, acts
+
+
+def default_counting(registry: Registry) -> dict[str, Counting]:
+    """op -> how it is counted outside the components of the plugins that declared it (imports fvcore)."""
+    fv_flops, fv_acts = _fvcore_handles()
+    out = {op: Counting(fv_flops.get(op), fv_acts.get(op), None) for op in {*fv_flops, *fv_acts}}
+    for op, first in registry.op_rules.items():
+        if first.provider == BUILTIN or op not in out:
+            out[op] = _declared(first)
+    return out
+
+
+def flop_handles(registry: Registry) -> dict[str, Callable]:
+    """fvcore's default FLOP handles plus those declared by vitlab and plugins (see above)."""
+    return {op: c.flops for op, c in default_counting(registry).items() if c.flops is not None}
+
+
+def activation_handles(registry: Registry) -> dict[str, Callable]:
     """fvcore's default activation handles (``ActivationCountAnalysis``) plus declared ones."""
-    from fvcore.nn.activation_count import _DEFAULT_SUPPORTED_OPS
-
-    declared = {op: r.activations for op, r in _op_rules(registry).items() if r.activations is not None}
-    return {**_DEFAULT_SUPPORTED_OPS, **declared}
+    return {op: c.activations for op, c in default_counting(registry).items() if c.activations is not None}
 
 
-def free_ops(registry=None) -> dict[str, str]:
+def free_ops(registry: Registry) -> dict[str, str]:
     """Operators counted as 0 on purpose, with the reason (``FREE_OPS`` plus plugins')."""
-    return {op: r.free for op, r in _op_rules(registry).items() if r.free}
+    return {op: c.free for op, c in default_counting(registry).items() if c.free}
 
 
 # Keys of the combined counters below: one trace yields FLOPs, activations and free-op tallies.
 FLOPS, ACTS, FREE = "flops", "acts", "free"
 
 
-def combined_handles(registry=None) -> dict[str, Callable[[list[Any], list[Any]], Counter]]:
+def combined_handles(
+    registry: Registry, scopes: Mapping[str, str] | None = None
+) -> dict[str, Callable[[list[Any], list[Any]], Counter]]:
     """One handle per operator returning ``Counter({(FLOPS, op): n, (ACTS, op): n, (FREE, op): 1})``.
 
     fvcore's ``JitModelAnalysis`` sums these per module, so a single trace gives FLOPs
     (as ``FlopCountAnalysis``), activations (as ``ActivationCountAnalysis``) and how often each
     free operator ran. fvcore drops zero entries from its counters, which is what we want.
+
+    Args:
+        registry: where declared rules come from: the registry the model was built with.
+        scopes: traced module name -> provider of the component that module is. With it, an
+            operator run inside a plugin's component is counted by that plugin's declaration.
     """
-    fl, ac, free = flop_handles(registry), activation_handles(registry), free_ops(registry)
     out: dict[str, Callable] = {}
-    for op in set(fl) | set(ac) | set(free):
-        out[op] = _combine(op, fl.get(op), ac.get(op), op in free)
+    for op, default in default_counting(registry).items():
+        own = {r.provider: _declared(r) for r in registry.op_declarations.get(op, ())}
+        if not scopes or all(c == default for c in own.values()):
+            own = {}  # counted the same wherever it runs: no need to look at the scope
+        out[op] = _combine(op, default, own, scopes or {})
     return out
+
+
+def _scoped(outputs: list[Any], own: dict[str, Counting], scopes: Mapping[str, str]) -> Counting | None:
+    """The declaration of the innermost component around this node whose plugin declared the op.
+
+    fvcore pushes each module's name as a trace scope while tracing, so a node's ``scopeName()``
+    is the path of module names from the root (``/blocks.0/blocks.0.attn``)."""
+    if not outputs:
+        return None
+    for name in reversed(outputs[0].node().scopeName().split("/")):
+        provider = scopes.get(name)
+        if provider in own:
+            return own[provider]
+    return None
 
 
 def _number(x: Any) -> Any:
@@ -179,8 +227,9 @@ def _number(x: Any) -> Any:
     return x
 
 
-def _combine(op: str, flop: Callable | None, act: Callable | None, free: bool) -> Callable:
+def _combine(op: str, default: Counting, own: dict[str, Counting], scopes: Mapping[str, str]) -> Callable:
     def handle(inputs: list[Any], outputs: list[Any]) -> Counter:
+        flop, act, free = (_scoped(outputs, own, scopes) if own else None) or default
         c: Counter = Counter()
         if flop is not None:
             c[(FLOPS, op)] = _number(flop(inputs, outputs))

@@ -1,13 +1,15 @@
 """vitlab-rope: pos_embed 'rope2d' (axial 2-D RoPE) as an installed plugin."""
 from __future__ import annotations
 
+import cmath
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 import vitlab
-from vitlab.attention_maps import attention_maps
+from vitlab.maps import attention_maps
 from vitlab_rope import Rope2d, apply_rope, rope_tables
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "plugins"
@@ -70,16 +72,55 @@ def test_rotation_depends_only_on_relative_position():
     assert torch.isclose(apply_rope(q, cos[7], sin[7]).norm(), q.norm())
 
 
-def test_axes_and_frequencies_follow_rope_vit():
-    hd, theta = 16, 100.0
-    cos, sin = rope_tables((3, 4), hd, theta)
-    angles = torch.atan2(sin, cos)  # (N, hd)
-    f = theta ** (-torch.arange(4) * 4.0 / hd)
-    patch = 1 * 4 + 2  # row 1, col 2
-    # first half of the pairs turn with the column, second half with the row; pair members share the angle
-    torch.testing.assert_close(angles[patch, 0:8:2], 2 * f)
-    torch.testing.assert_close(angles[patch, 8:16:2], torch.atan2(torch.sin(1 * f), torch.cos(1 * f)))
-    torch.testing.assert_close(angles[:, 0::2], angles[:, 1::2])
+def reference_tables(grid, head_dim, theta, num_prefix=0):
+    """RoPE-ViT's axial tables written out with plain loops and ``math`` (the reference; nothing
+    from vitlab_rope): the patch at row r, column c (row-major) turns pair t by
+    ``c * theta ** (-4t / head_dim)`` for t < head_dim/4 (x axis), by ``r * theta ** (-4t' / head_dim)``,
+    t' = t - head_dim/4, for the other pairs (y axis); both members of a pair share the angle;
+    prefix tokens get angle 0."""
+    quarter = head_dim // 4
+    cos_rows, sin_rows = [], []
+    positions = [None] * num_prefix + [(r, c) for r in range(grid[0]) for c in range(grid[1])]
+    for pos in positions:
+        cos_row, sin_row = [], []
+        for t in range(head_dim // 2):  # rotation pair t = channels (2t, 2t + 1)
+            if pos is None:
+                angle = 0.0
+            elif t < quarter:
+                angle = pos[1] * theta ** (-4 * t / head_dim)
+            else:
+                angle = pos[0] * theta ** (-4 * (t - quarter) / head_dim)
+            cos_row += [math.cos(angle)] * 2
+            sin_row += [math.sin(angle)] * 2
+        cos_rows.append(cos_row)
+        sin_rows.append(sin_row)
+    return torch.tensor(cos_rows, dtype=torch.float64), torch.tensor(sin_rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("grid, head_dim, theta, num_prefix", [((3, 4), 16, 100.0, 0), ((2, 3), 8, 10_000.0, 2)])
+def test_tables_follow_rope_vit(grid, head_dim, theta, num_prefix):
+    """Both tables equal the loops above (float32 tables: float32 tolerance on angles up to ~3 rad)."""
+    cos, sin = rope_tables(grid, head_dim, theta, num_prefix=num_prefix)
+    ref_cos, ref_sin = reference_tables(grid, head_dim, theta, num_prefix)
+    assert cos.shape == sin.shape == (num_prefix + grid[0] * grid[1], head_dim)
+    assert cos.dtype == sin.dtype == torch.float32
+    torch.testing.assert_close(cos.double(), ref_cos, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin.double(), ref_sin, atol=1e-6, rtol=0)
+
+
+def test_apply_rope_is_the_pairwise_complex_rotation():
+    """apply_rope against the complex product (a + ib) * e^{i angle} on each pair, per token, in plain
+    Python (the reference), with the reference tables."""
+    grid, hd = (2, 2), 8
+    ref_cos, ref_sin = reference_tables(grid, hd, 100.0, num_prefix=1)
+    x = torch.randn(5, hd, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = apply_rope(x, ref_cos, ref_sin)
+    for n in range(5):
+        for t in range(hd // 2):
+            angle = math.atan2(ref_sin[n, 2 * t].item(), ref_cos[n, 2 * t].item())
+            z = complex(x[n, 2 * t].item(), x[n, 2 * t + 1].item()) * cmath.exp(1j * angle)
+            assert math.isclose(got[n, 2 * t].item(), z.real, abs_tol=1e-12)
+            assert math.isclose(got[n, 2 * t + 1].item(), z.imag, abs_tol=1e-12)
 
 
 def test_prefix_tokens_are_not_rotated():
@@ -129,8 +170,19 @@ def test_other_image_sizes_extend_positions():
     with torch.no_grad():
         out = model.forward_features(torch.randn(1, 3, 48, 40))
     assert out.shape == (1, 1 + 6 * 5, 32)
-    cos, _ = rope_tables((4, 4), 16, 100.0, num_prefix=1)
-    torch.testing.assert_close(model.pos_embed.cos, cos)
+    # the tables of the recipe's 4 x 4 grid, class token first, head_dim 32 / 2 = 16: the reference
+    ref_cos, ref_sin = reference_tables((4, 4), 16, 100.0, num_prefix=1)
+    torch.testing.assert_close(model.pos_embed.cos.double(), ref_cos, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.pos_embed.sin.double(), ref_sin, atol=1e-6, rtol=0)
+    # the 6 x 5 grid of the 48 x 40 image extends the positions (RoPE-ViT): its transform rotates
+    # each pair (a, b) of q and k to (a cos - b sin, a sin + b cos) with the reference tables
+    ref_cos, ref_sin = reference_tables((6, 5), 16, 100.0, num_prefix=1)
+    q, k = torch.randn(2, 1, 2, 31, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    rq, rk = model.pos_embed.qk_transform((6, 5))(q, k)
+    for x, got in ((q, rq), (k, rk)):
+        a, b, c, s = x[..., 0::2], x[..., 1::2], ref_cos[:, 0::2], ref_sin[:, 0::2]
+        expected = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 def test_recipes_build_and_run():

@@ -1,0 +1,15 @@
+"""A plugin whose hook registers a valid component, then raises: nothing of it may stay registered."""
+import vitlab
+from vitlab.components.attention import MultiHeadSelfAttention
+
+
+class HalfAttention(MultiHeadSelfAttention):
+    """Registered before the hook fails."""
+
+    name = "half_registered"
+
+
+@vitlab.hookimpl
+def vitlab_register_components(register):
+    register(HalfAttention)
+    raise RuntimeError("the plugin's own bug")
