@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -24,3 +26,12 @@ def alternate(a: Callable[[], object], b: Callable[[], object], *, warmup: int =
     ma, mb = statistics.median(ta), statistics.median(tb)
     ratios = sorted(x / y for x, y in zip(ta, tb))
     return {"a_median_s": ma, "b_median_s": mb, "ratio": ma / mb, "pair_ratio_median": statistics.median(ratios)}
+
+
+def vitlab(*args: str) -> tuple[float, str]:
+    """Run ``python -m vitlab ARGS`` as a user would: (wall seconds, stdout); stops on an error."""
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "vitlab", *args], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    return time.perf_counter() - start, out.stdout

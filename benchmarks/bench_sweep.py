@@ -1,46 +1,59 @@
-"""A sweep of 16 ViT-Tiny variants in one ``vitlab compare`` run against 16 separate
-``vitlab flops`` runs (fresh processes each, as a shell loop would do). Prints the time ratio
-16 x flops / 1 x compare and checks both give the same FLOPs.
+"""Sweeps at grid-search scale (issue 14): one ``vitlab compare`` over 900 variants
+(embed_dim x num_heads x depth x mlp_ratio x pos_embed) against one ``vitlab flops`` of the
+baseline recipe, both as commands in fresh processes (what a user runs), alternated; prints the
+ratio sweep / one count (goal <= 5). Also checks a sample of the sweep against full traces.
 
-    .venv/bin/python benchmarks/bench_sweep.py
+    .venv/bin/python benchmarks/bench_sweep.py            # the 900-variant grid
+    .venv/bin/python benchmarks/bench_sweep.py --small    # 16 ViT-Tiny variants, plus 16 x flops / compare
 """
 from __future__ import annotations
 
-import itertools
 import json
-import subprocess
+import statistics
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import vitlab  # noqa: E402  (python -m vitlab, timed)
 
 RECIPE = "vit_tiny_patch16_224"
-DEPTHS = (3, 6, 9, 12)
-RATIOS = (2, 3, 4, 5)
-
-
-def vitlab(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "vitlab", *args], capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(out.stderr)
-    return out.stdout
+GRID = ["embed_dim=128,192,256,320,384", "num_heads=2,4,8", "depth=2,4,6,8,12", "mlp_ratio=2,3,4,6",
+        "pos_embed.name=learned,sincos2d,none"]  # 5 x 3 x 5 x 4 x 3 = 900
+SMALL = ["depth=3,6,9,12", "mlp_ratio=2,3,4,5"]
 
 
 def main() -> None:
-    sweep = ["--sweep", "depth=" + ",".join(map(str, DEPTHS)), "--sweep", "mlp_ratio=" + ",".join(map(str, RATIOS))]
-    start = time.perf_counter()
-    together = json.loads(vitlab("compare", RECIPE, *sweep, "--format", "json"))
-    t_compare = time.perf_counter() - start
+    grid = SMALL if "--small" in sys.argv else GRID
+    sweep = [a for g in grid for a in ("--sweep", g)]
+    one, whole = [], []
+    rows = None
+    for _ in range(2):  # alternated, so machine drift falls on both
+        one.append(vitlab("flops", RECIPE, "--format", "json")[0])
+        t, text = vitlab("compare", RECIPE, *sweep, "--format", "json")
+        whole.append(t)
+        rows = json.loads(text)
+    n = len(rows)
+    ratio = statistics.median(whole) / statistics.median(one)
+    print(f"{n} variants: one `vitlab compare` sweep / one `vitlab flops` = {ratio:.2f} (goal <= 5)")
 
-    start = time.perf_counter()
-    separate = []
-    for depth, ratio in itertools.product(DEPTHS, RATIOS):
-        separate.append(json.loads(vitlab("flops", RECIPE, "--set", f"depth={depth}", "--set", f"mlp_ratio={ratio}", "--format", "json")))
-    t_flops = time.perf_counter() - start
+    # exactness on a sample: the sweep's rows against single full counts
+    sys.path.insert(0, ".")
+    import vitlab as vl
 
-    assert len(together) == len(separate) == 16
-    assert [d["flops"] for d in together] == [d["flops"] for d in separate], "compare and flops disagree"
-    print(f"16 ViT-Tiny variants: one `vitlab compare` {t_compare:.1f} s, 16 x `vitlab flops` {t_flops:.1f} s")
-    print(f"time ratio 16 x flops / compare: {t_flops / t_compare:.2f} "
-          f"(per variant: compare {t_compare / 16:.2f} s, flops {t_flops / 16:.2f} s)")
+    for row in rows[:: max(1, n // 12)]:
+        changes = dict(kv.split("=", 1) for kv in row["name"].split("[", 1)[1][:-1].split(","))
+        full = vl.analyze(RECIPE, overrides=[f"{k}={v}" for k, v in changes.items()], method="full")
+        assert (full.flops, full.params, full.activations, full.memory) == (
+            row["flops"], row["params"], row["activations"], row["memory"]), row["name"]
+    print(f"sample of {len(rows[:: max(1, n // 12)])} variants: equal to full traces (FLOPs, params, activations, memory)")
+    if "--small" in sys.argv:
+        t16 = sum(vitlab("flops", RECIPE, *(a for kv in _pairs(r["name"]) for a in ("--set", kv)), "--format", "json")[0]
+                  for r in rows)
+        print(f"16 x `vitlab flops` / one `vitlab compare`: {t16 / statistics.median(whole):.2f}")
+
+
+def _pairs(name: str) -> list[str]:
+    return name.split("[", 1)[1][:-1].split(",") if "[" in name else []
 
 
 if __name__ == "__main__":

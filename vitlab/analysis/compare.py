@@ -100,17 +100,38 @@ def expand(recipes: Sequence[str], sweeps: Sequence[Sweep] = (), overrides: Iter
 
 
 def run(variants: Sequence[Variant], img_size=None, batch_size: int = 1, method: str = "auto",
-        on_done: Callable[[Variant, Report], None] | None = None) -> list[Report]:
-    """One report per variant, all in this process (start-up is paid once)."""
-    from . import analyze
+        on_done: Callable[[Variant, Report], None] | None = None, *, dtype: str = "fp32",
+        grad_checkpointing: bool = False, cache: Any = None) -> list[Report]:
+    """One report per variant, all in this process (start-up is paid once).
 
+    With ``method`` ``"auto"`` or ``"derived"`` every distinct piece (embedding, block on its input,
+    head) is traced once for all variants (``vitlab.analysis.pieces``): the reports are derived
+    counts (``method="derived"``), equal to full traces for every built-in component."""
+    from . import analyze
+    from .pieces import PieceCache
+
+    if cache is None and method != "full":
+        cache = PieceCache()
     reports = []
     for v in variants:
-        report = analyze(v.spec, img_size=img_size, batch_size=batch_size, method=method, name=v.name)
+        report = analyze(v.spec, img_size=img_size, batch_size=batch_size, method=method, name=v.name, dtype=dtype,
+                         grad_checkpointing=grad_checkpointing, cache=cache)
         reports.append(report)
         if on_done is not None:
             on_done(v, report)
     return reports
+
+
+def merge(parts: Sequence[Sequence[dict[str, Any]]]) -> tuple[list[Report], str | None]:
+    """The reports of ``compare --format json`` outputs (shards), each variant once in order of
+    first appearance, and the baseline the parts were compared against."""
+    seen: dict[str, Report] = {}
+    baseline = None
+    for rows_ in parts:
+        for row in rows_:
+            baseline = baseline or row.get("baseline")
+            seen.setdefault(row["name"], Report.from_dict(row))
+    return list(seen.values()), baseline
 
 
 def _delta(value: int, base: int) -> float | None:

@@ -124,3 +124,81 @@ def save_comparison(reports: Sequence[Report], path: str | os.PathLike, baseline
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+_MEMORY_PARTS = (("params_bytes", "parameters", "#0072B2"), ("grads_bytes", "gradients", "#56B4E9"),
+                 ("optimizer_bytes", "AdamW moments", "#009E73"), ("activations_bytes", "activations", "#E69F00"))
+
+
+def cost_figure(reports: Sequence[Report]):
+    """A matplotlib Figure: on top measured training-step time against GFLOPs, with the line of the
+    median time per FLOP through the origin (variants far off it cost more or less than their
+    FLOPs say); below the predicted memory of training by part, a mark at each measured peak."""
+    import matplotlib
+
+    if matplotlib.get_backend().lower() != "agg":
+        matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    n = len(reports)
+    labels = short_labels([r.name for r in reports])
+    numbered = n > 8 or max(len(s) for s in labels) > 30
+    bar_h = 0.32 * n + 1.3
+    fig = plt.figure(figsize=(11, 5.0 + bar_h), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[4.6, bar_h], hspace=0.04)
+    ax1, ax2 = top.subplots(), bottom.subplots()
+
+    timed = [(i, r) for i, r in enumerate(reports) if r.measured and r.measured.get("train_step_ms")]
+    if timed:
+        xs = [r.flops / r.batch_size * r.measured["batch_size"] / 1e9 for _, r in timed]  # at the measured batch
+        ys = [r.measured["train_step_ms"] for _, r in timed]
+        per = sorted(y / x for x, y in zip(xs, ys) if x)[len(xs) // 2] if any(xs) else 0.0
+        ax1.scatter(xs, ys, s=48, color="#0072B2", zorder=3, edgecolor="white", linewidth=0.8)
+        top_x = max(xs) * 1.1
+        ax1.plot([0, top_x], [0, per * top_x], color="#999999", linestyle="--", zorder=2,
+                 label=f"median {per:.3g} ms per GFLOP")
+        for (i, _), x, y in zip(timed, xs, ys):
+            ax1.annotate(str(i + 1) if numbered else labels[i], (x, y), xytext=(7, 0), textcoords="offset points",
+                         va="center", fontsize=8.5)
+        ax1.legend(fontsize=8, frameon=False, loc="upper left")
+        device = timed[0][1].measured["device"]
+        ax1.set_title(f"measured training step (forward, backward, AdamW) on {device} against FLOPs", fontsize=10.5)
+    else:
+        ax1.text(0.5, 0.5, "not measured (compare --measure)", ha="center", va="center", transform=ax1.transAxes)
+    ax1.set_xlabel("GFLOPs of the forward at the measured batch")
+    ax1.set_ylabel("ms per training step (median)")
+    ax1.grid(True, alpha=0.3, zorder=0)
+
+    ypos = list(range(n))[::-1]
+    left = [0.0] * n
+    for key, label, colour in _MEMORY_PARTS:
+        vals = [r.memory.get(key, 0) / 2**20 for r in reports]
+        ax2.barh(ypos, vals, left=left, color=colour, label=label, edgecolor="white", linewidth=0.5, height=0.7)
+        left = [a + b for a, b in zip(left, vals)]
+    peaks = [(y, r.measured["train_peak_bytes"] / 2**20) for y, r in zip(ypos, reports)
+             if r.measured and r.measured.get("train_peak_bytes")]
+    if peaks:
+        ax2.scatter([p for _, p in peaks], [y for y, _ in peaks], marker="|", s=260, color="#D55E00", zorder=4,
+                    label="measured peak")
+    ax2.set_yticks(ypos, [(f"{i + 1}. " if numbered else "") + lab for i, lab in enumerate(labels)],
+                   fontsize=8.5 if n <= 24 else 7)
+    ax2.set_xlabel("MiB (predicted, training; + one block's backward is the rest of the predicted peak)")
+    ax2.set_title("predicted training memory by part", fontsize=10.5, pad=22)
+    ax2.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, fontsize=8, frameon=False)
+    ax2.grid(True, axis="x", alpha=0.3)
+    ax2.set_axisbelow(True)
+    fig.suptitle("vitlab compare: measured cost", fontsize=12)
+    return fig
+
+
+def save_cost(reports: Sequence[Report], path: str | os.PathLike, force: bool = False) -> Path:
+    """Write the cost PNG (time against FLOPs, memory by part) atomically."""
+    from ..fileio import atomic_write
+
+    fig = cost_figure(reports)
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130), force=force)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

@@ -37,6 +37,35 @@ class Report:
     derivation: Optional[str] = None
     method: str = "full"
     device: str = "meta"
+    stage_tokens: list[int] = field(default_factory=list)
+    """Tokens entering each stage's first block (one entry without ``stages``)."""
+    tokens_out: Optional[int] = None
+    """Tokens leaving the last block: fewer than ``tokens`` after token merging or pooling stages."""
+    memory: dict[str, int] = field(default_factory=dict)
+    """Predicted bytes at the batch size (``vitlab.analysis.memory``): ``params_bytes``,
+    ``grads_bytes``, ``optimizer_bytes`` (AdamW, fp32), ``activations_bytes`` (saved for backward),
+    ``train_peak_bytes``, ``infer_peak_bytes``."""
+    memory_by_kind: dict[str, int] = field(default_factory=dict)
+    """``activations_bytes`` by the component kind that saved them (``checkpoint inputs`` with
+    gradient checkpointing)."""
+    dtype: str = "fp32"
+    """The dtype the memory prediction holds weights and activations in."""
+    grad_checkpointing: bool = False
+    fit: Optional[dict[str, int]] = None
+    """With ``--fit``: ``{budget_bytes, batch_size}``, the largest training batch predicted to fit."""
+    measured: Optional[dict[str, Any]] = None
+    """With ``--measure``: ``{device, batch_size, infer_ms, train_step_ms, infer_peak_bytes,
+    train_peak_bytes}`` of a real run (``vitlab.measure``)."""
+
+    def tokens_text(self) -> str:
+        """``"785→197→50"``: the tokens entering each stage, then leaving the last block when that
+        differs (``"197→29"`` for token merging inside one stage); ``"-"`` when unknown."""
+        if self.tokens is None:
+            return "-"
+        steps = list(self.stage_tokens) or [self.tokens]
+        if self.tokens_out is not None and self.tokens_out != steps[-1]:
+            steps.append(self.tokens_out)
+        return "→".join(str(t) for t in steps)
 
     @property
     def gflops(self) -> float:
@@ -68,12 +97,18 @@ class Report:
             "mparams": round(self.mparams, 4),
             "trainable_params": self.trainable_params,
             "tokens": self.tokens,
+            "stage_tokens": "→".join(str(t) for t in self.stage_tokens),
+            "tokens_out": self.tokens_out,
             "activations": self.activations,
             "img_size": "x".join(str(s) for s in self.img_size),
             "batch_size": self.batch_size,
         }
         row.update({f"flops.{k}": self.by_kind.get(k, 0) for k in KIND_KEYS})
         row["flop_counter"] = self.flop_counter
+        row.update({f"memory.{k}": v for k, v in self.memory.items()})
+        for k in ("infer_ms", "train_step_ms", "infer_peak_bytes", "train_peak_bytes"):
+            if self.measured:
+                row[f"measured.{k}"] = self.measured.get(k)
         row["unsupported"] = ";".join(f"{k}:{v}" for k, v in sorted(self.unsupported.items()))
         row["derived"] = self.derived
         return row
@@ -81,4 +116,4 @@ class Report:
     def __str__(self) -> str:
         derived = " (derived)" if self.derived else ""
         return (f"{self.name}: {self.gflops:.2f} GFLOPs{derived}, {self.mparams:.2f} M params, "
-                f"{self.tokens} tokens at {self.img_size[0]}x{self.img_size[1]}, batch {self.batch_size}")
+                f"{self.tokens_text()} tokens at {self.img_size[0]}x{self.img_size[1]}, batch {self.batch_size}")

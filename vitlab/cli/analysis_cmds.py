@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..analysis.memory import MAX_BATCH
 from ..errors import VitlabError, unknown_choice
 from . import cli, set_option
 from .output import FORMATS
@@ -33,7 +34,13 @@ def _common(f):
                      help="Output format (default: table, or the output file's suffix).")(f)
     f = click.option("--method", type=click.Choice(["auto", "full", "derived"]), default="auto", show_default=True,
                      help="full: trace the whole model; derived: each distinct block once, scaled; auto: full on meta tensors.")(f)
-    f = click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True, help="Images per forward.")(f)
+    f = click.option("--fit", default=None, metavar="GiB",
+                     help="Also give the largest training batch predicted to fit in this much memory (16, 16GiB, 512MiB).")(f)
+    f = click.option("--grad-checkpointing", is_flag=True, help="Predict memory with every block checkpointed.")(f)
+    f = click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+                     help="What the memory prediction (and --measure) holds weights and activations in.")(f)
+    f = click.option("--batch-size", "-b", type=click.IntRange(min=1, max=MAX_BATCH), default=1, show_default=True,
+                     help="Images per forward.")(f)
     f = click.option("--img-size", default=None, metavar="N|HxW", help="Input size (default: the recipe's).")(f)
     return f
 
@@ -42,8 +49,8 @@ def _common(f):
 @click.argument("recipe")
 @_common
 @set_option
-def flops(recipe, img_size, batch_size, method, fmt, output, force, overrides) -> None:
-    """FLOPs (fvcore convention), parameters, tokens and a per-kind breakdown of RECIPE."""
+def flops(recipe, img_size, batch_size, dtype, grad_checkpointing, fit, method, fmt, output, force, overrides) -> None:
+    """FLOPs (fvcore convention), parameters, tokens, predicted memory and a per-kind breakdown of RECIPE."""
     from ..analysis import analyze
     from ..fileio import check_writable
     from .output import emit_report, resolve_format
@@ -51,9 +58,39 @@ def flops(recipe, img_size, batch_size, method, fmt, output, force, overrides) -
     fmt = resolve_format(fmt, output)
     if output is not None:
         check_writable(output, force)  # fail before any work
+    budget = _fit_budget(fit)
     report = analyze(recipe, img_size=_img_size(img_size), batch_size=batch_size, method=method,
-                     overrides=list(overrides) or None)
+                     overrides=list(overrides) or None, dtype=dtype, grad_checkpointing=grad_checkpointing)
+    if budget is not None:
+        from ..recipes import load_spec
+
+        _add_fit([report], [load_spec(recipe, overrides=list(overrides) or None)], budget, _img_size(img_size))
     emit_report(report, fmt, output, force)
+
+
+def _fit_budget(fit: str | None) -> int | None:
+    from ..analysis.memory import parse_gib
+
+    if fit is None:
+        return None
+    budget = parse_gib(fit, "--fit")
+    if budget <= 0:
+        raise VitlabError(f"--fit: expected a positive size in GiB (e.g. 16 or 512MiB), got {fit!r}")
+    return budget
+
+
+def _add_fit(reports, specs, budget: int, size) -> None:
+    """``report.fit = {budget_bytes, batch_size}``: the largest training batch predicted to fit."""
+    from ..analysis.pieces import PieceCache, largest_batch
+    from ..recipes import load_spec
+    from ..spec import as_pair
+
+    cache = PieceCache()
+    for report, spec in zip(reports, specs):
+        if size is not None:
+            spec = load_spec(spec, overrides={"img_size": list(as_pair(size))})
+        report.fit = {"budget_bytes": budget,
+                      "batch_size": largest_batch(spec, budget, report.dtype, report.grad_checkpointing, cache)}
 
 
 @cli.command()
@@ -63,17 +100,27 @@ def flops(recipe, img_size, batch_size, method, fmt, output, force, overrides) -
                    "Repeatable: the cartesian product runs on top of each recipe.")
 @click.option("--baseline", default=None, metavar="NAME", help="Variant the changes are against (default: the first).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also draw FLOPs against params and a per-kind stacked bar to this PNG.")
+              help="Also draw FLOPs against params and a per-kind stacked bar to this PNG (and, with --measure, "
+                   "time against FLOPs and the memory breakdown to NAME.cost.png).")
 @click.option("--shard", default=None, metavar="I/N",
               help="Count only variants I, I+N, I+2N, ... (0 <= I < N) of the expanded list, for array jobs; "
                    "the baseline is counted in every shard so changes stay comparable.")
+@click.option("--measure", is_flag=True,
+              help="Also run each variant (a fresh process each): median inference and training-step time, peak memory.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per variant with --measure.")
+@click.option("--device", default=None, help="--measure on: cpu, cuda, cuda:1 (default: cuda when present, else cpu).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help=f"Memory --measure may use (default: ${'{'}VITLAB_MAX_MEMORY{'}'}, else what the machine has available).")
+@click.option("--merge", is_flag=True, help="RECIPES are JSON outputs of earlier runs (shards): join them into one table.")
 @_common
 @set_option
-def compare(recipes, sweeps, baseline, plot, shard, img_size, batch_size, method, fmt, output, force, overrides) -> None:
-    """Compare RECIPES (and sweeps over them): FLOPs, params, tokens and the change against a baseline."""
-    from ..analysis.compare import expand, parse_sweep, rows, run
+def compare(recipes, sweeps, baseline, plot, shard, measure, repeats, device, max_memory, merge, img_size, batch_size,
+            dtype, grad_checkpointing, fit, method, fmt, output, force, overrides) -> None:
+    """Compare RECIPES (and sweeps over them): FLOPs, params, tokens, predicted memory and the change
+    against a baseline; with --measure, time and peak memory of real runs."""
+    from ..analysis.compare import expand, merge as merge_parts, parse_sweep, rows, run
     from ..fileio import check_writable
-    from .output import emit_rows, resolve_format
+    from .output import resolve_format
 
     fmt = resolve_format(fmt, output)
     for path in (output, plot):
@@ -83,27 +130,108 @@ def compare(recipes, sweeps, baseline, plot, shard, img_size, batch_size, method
         raise VitlabError(f"--plot writes a PNG; give a .png file name, not {plot.name}")
     if output is not None and plot is not None and output.resolve() == plot.resolve():
         raise VitlabError("--output and --plot name the same file")
+    if merge:
+        if sweeps or shard or measure or overrides:
+            raise VitlabError("--merge joins finished outputs; it takes no --sweep, --shard, --measure or --set")
+        reports, parts_baseline = merge_parts([_read_part(p) for p in recipes])
+        names = [r.name for r in reports]
+        if baseline is not None and baseline not in names:
+            raise VitlabError(unknown_choice("baseline", baseline, dict.fromkeys(names), label="variants"))
+        table = rows(reports, baseline or (parts_baseline if parts_baseline in names else None))
+        _emit(table, reports, fmt, output, force, plot)
+        return
+    budget = _fit_budget(fit)
     variants = expand(recipes, [parse_sweep(s) for s in sweeps], list(overrides))
     size = _img_size(img_size)
     names = [v.name for v in variants]
     if baseline is not None and baseline not in names:  # before counting anything
         raise VitlabError(unknown_choice("baseline", baseline, dict.fromkeys(names), label="variants"))
     baseline = baseline or names[0]
+    extra = []
     if shard is not None:
         index, count = _parse_shard(shard)
         mine = variants[index::count]
         extra = [v for v in variants if v.name == baseline and v not in mine][:1]
         variants = extra + mine  # the baseline first, only for the changes when not our own
-    reports = _run_with_progress(variants, size, batch_size, method, run)
+    from ..analysis.pieces import PieceCache
+
+    cache = PieceCache() if method != "full" else None  # each distinct piece counted once for all variants
+    reports = _with_progress("counting", variants, lambda v: run([v], size, batch_size, method, dtype=dtype,
+                                                                 grad_checkpointing=grad_checkpointing, cache=cache)[0])
+    if budget is not None:
+        _add_fit(reports, [v.spec for v in variants], budget, size)
+    if measure:
+        _measure(variants, reports, size, batch_size, dtype, device, repeats, max_memory, skip=len(extra))
     table = rows(reports, baseline)
     if shard is not None and extra:
         table, reports = table[1:], reports[1:]
+    _emit(table, reports, fmt, output, force, plot)
+
+
+def _read_part(path: str) -> list[dict]:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise VitlabError(f"--merge: cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise VitlabError(f"--merge: {path} is not JSON; give outputs of 'vitlab compare --format json'") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "name" in r and "flops" in r for r in data):
+        raise VitlabError(f"--merge: {path} is not a 'vitlab compare --format json' output (a list of variant objects)")
+    return data
+
+
+def _emit(table, reports, fmt, output, force, plot) -> None:
+    from .output import emit_rows
+
     emit_rows(table, reports, fmt, output, force)
     if plot is not None:
-        from ..analysis.plot import save_comparison
+        from ..analysis.plot import save_comparison, save_cost
 
-        save_comparison(reports, plot, baseline=table[0]["baseline"], force=force)
+        save_comparison(reports, plot, baseline=table[0]["baseline"] if table else None, force=force)
         click.echo(f"wrote {plot}", err=True)
+        if any(r.measured for r in reports):
+            cost = plot.with_suffix(".cost.png")
+            save_cost(reports, cost, force=force)
+            click.echo(f"wrote {cost}", err=True)
+
+
+def _measure(variants, reports, size, batch_size, dtype, device, repeats, max_memory, skip=0) -> None:
+    """``report.measured`` of each variant, each in a fresh process, refused up front when the
+    predicted training peak cannot fit."""
+    import torch
+
+    from ..analysis.memory import check_fits
+    from ..measure import measure_spec
+    from ..recipes import load_spec
+    from ..spec import as_pair
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
+    for v, r in zip(variants, reports):
+        check_fits(r.memory["train_peak_bytes"], f"{v.name} training at batch {batch_size}",
+                   max_memory=max_memory, device=device)
+
+    def one(pair):
+        v, r = pair
+        spec = v.spec if size is None else load_spec(v.spec, overrides={"img_size": list(as_pair(size))})
+        r.measured = measure_spec(spec, batch_size, device=device, dtype=dtype, repeats=repeats)
+        if "note" in r.measured:
+            click.echo(f"warning: {v.name}: {r.measured['note']}", err=True)
+        return r
+
+    pairs = list(zip(variants, reports))
+    _with_progress("measuring", pairs[skip:], one, always=True)  # another shard's baseline is measured there
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError) as exc:
+        raise VitlabError(f"--device {device}: {exc}") from None
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -117,19 +245,22 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _run_with_progress(variants, size, batch_size, method, run):
-    """A progress bar on stderr when there are several variants and stderr is a terminal."""
-    if len(variants) < 4 or not sys.stderr.isatty():
-        return run(variants, size, batch_size, method)
+def _with_progress(label: str, items, fn, always: bool = False) -> list:
+    """``[fn(item) for item in items]`` with a progress bar on stderr when there are several items
+    (or ``always``) and stderr is a terminal."""
+    items = list(items)
+    if (len(items) < 4 and not always) or not sys.stderr.isatty():
+        return [fn(item) for item in items]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .output import console
 
-    with Progress(TextColumn("counting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    out = []
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console(stderr=True), transient=True) as progress:
-        task = progress.add_task("", total=len(variants))
-
-        def done(variant, report):
-            progress.update(task, advance=1, description=variant.name)
-
-        return run(variants, size, batch_size, method, on_done=done)
+        task = progress.add_task("", total=len(items))
+        for item in items:
+            out.append(fn(item))
+            named = item[0] if isinstance(item, tuple) else item
+            progress.update(task, advance=1, description=getattr(named, "name", ""))
+    return out

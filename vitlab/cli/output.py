@@ -11,14 +11,21 @@ from typing import Any, Sequence
 
 import click
 
-from ..errors import VitlabError
+from ..errors import VitlabError, path_label
 
 FORMATS = ("table", "json", "csv", "md")
 SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "md", ".markdown": "md", ".txt": "table"}
 
 
-def resolve_format(fmt: str | None, output: Path | None) -> str:
-    """``--format`` if given, else from the output file's suffix, else ``table``."""
+def resolve_format(fmt: str | None, output: Path | None, force: bool | None = None) -> str:
+    """``--format`` if given, else from the output file's suffix, else ``table``.
+
+    With ``force`` (``--force``'s value), also refuse an output path that cannot be written, so a
+    command that starts by resolving its format fails before any work."""
+    if output is not None and force is not None:
+        from ..fileio import check_output
+
+        check_output(output, force)
     if fmt is not None:
         return fmt
     if output is None:
@@ -26,7 +33,7 @@ def resolve_format(fmt: str | None, output: Path | None) -> str:
     suffix = Path(output).suffix.lower()
     if suffix not in SUFFIX_FORMATS:
         known = ", ".join(SUFFIX_FORMATS)
-        raise VitlabError(f"cannot tell the format of {output} from its suffix (known: {known}); pass --format")
+        raise VitlabError(f"cannot tell the format of {path_label(output)} from its suffix (known: {known}); pass --format")
     return SUFFIX_FORMATS[suffix]
 
 
@@ -37,7 +44,7 @@ def write(text: str, output: Path | None, force: bool = False) -> None:
     from ..fileio import atomic_write
 
     atomic_write(output, text if text.endswith("\n") else text + "\n", force=force)
-    click.echo(f"wrote {output}", err=True)
+    click.echo(f"wrote {path_label(output)}", err=True)
 
 
 # --- numbers ----------------------------------------------------------------------------------------
@@ -57,6 +64,21 @@ def giga_sig(n: int) -> str:
 
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{x:+.2f}%"
+
+
+def mib(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def unsupported_warning(reports) -> str | None:
+    """One line naming the variants whose count misses operators (counted as 0), or ``None``."""
+    bad = [r for r in reports if r.unsupported]
+    if not bad:
+        return None
+    ops = sorted({op for r in bad for op in r.unsupported})
+    names = ", ".join(r.name for r in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return (f"WARNING: unsupported operators counted as 0 FLOPs ({', '.join(ops)}) in {names}: "
+            "their FLOPs and changes are too low (! in the table)")
 
 
 # --- plain formats -------------------------------------------------------------------------------------
@@ -140,9 +162,35 @@ def _summary_pairs(report) -> list[tuple[str, str]]:
     ]
     if report.derived:
         pairs.append(("derivation", report.derivation))
-    pairs.append(("unsupported operators", ", ".join(f"{k} x{v}" for k, v in report.unsupported.items()) or "none"))
+    pairs.append(("unsupported operators", ", ".join(f"{k} x{v}" for k, v in report.unsupported.items())
+                  + " (counted as 0: the FLOPs above are too low)" if report.unsupported else "none"))
     pairs.append(("free operators (0 by convention)", ", ".join(f"{k} x{v}" for k, v in report.free_ops.items()) or "none"))
+    mem = report.memory
+    if mem:
+        how = report.dtype + (", gradient checkpointing" if report.grad_checkpointing else "")
+        pairs += [
+            (f"predicted training peak ({how})", f"{mib(mem['train_peak_bytes'])} MiB = params {mib(mem['params_bytes'])} "
+             f"+ grads {mib(mem['grads_bytes'])} + AdamW {mib(mem['optimizer_bytes'])} + activations "
+             f"{mib(mem['activations_bytes'])} + one block's backward"),
+            ("predicted inference peak", f"{mib(mem['infer_peak_bytes'])} MiB"),
+            ("activations by kind", ", ".join(f"{k} {mib(v)} MiB" for k, v in report.memory_by_kind.items()) or "-"),
+        ]
+    if report.fit:
+        pairs.append((f"largest training batch in {report.fit['budget_bytes'] / 2**30:g} GiB",
+                      str(report.fit["batch_size"])))
+    if report.measured:
+        m = report.measured
+        pairs.append((f"measured on {m['device']} at batch {m['batch_size']}",
+                      f"inference {m['infer_ms']:.1f} ms, {mib(m['infer_peak_bytes'])} MiB; training step "
+                      f"{m['train_step_ms']:.1f} ms, {mib(m['train_peak_bytes'])} MiB"))
     return pairs
+
+
+def free_op_rows(report) -> list[tuple[str, str, str]]:
+    """(operator, calls, why it counts 0) for the free operators the trace met."""
+    from ..analysis.handles import FREE_OPS
+
+    return [(op, str(n), FREE_OPS.get(op, "declared free by a plugin")) for op, n in report.free_ops.items()]
 
 
 def report_tables(report) -> list:
@@ -160,14 +208,20 @@ def report_tables(report) -> list:
     kinds.add_column("share", justify="right")
     for row in _kind_rows(report):
         kinds.add_row(*row)
-    return [summary, kinds]
+    free = Table(title="Free operators (0 FLOPs by convention) and why", title_justify="left")
+    for h in ("operator", "calls", "why"):
+        free.add_column(h, justify="right" if h == "calls" else "left", overflow="fold")
+    for row in free_op_rows(report):
+        free.add_row(*row)
+    return [summary, kinds] + ([free] if report.free_ops else [])
 
 
 def report_markdown(report) -> str:
     head = f"### {report.name}\n\n"
     summary = to_markdown(["quantity", "value"], _summary_pairs(report), ["l", "l"])
     kinds = to_markdown(["kind", "GFLOPs", "share"], _kind_rows(report))
-    return head + summary + "\n" + kinds
+    free = to_markdown(["operator", "calls", "why it counts 0"], free_op_rows(report), ["l", "r", "l"]) if report.free_ops else ""
+    return head + summary + "\n" + kinds + ("\n" + free if free else "")
 
 
 def emit_report(report, fmt: str, output: Path | None, force: bool) -> None:
@@ -198,26 +252,44 @@ def emit_rows(rows: Sequence[dict[str, Any]], reports: Sequence, fmt: str, outpu
     if fmt == "csv":
         write(to_csv([_flat(r, rep) for r, rep in zip(rows, reports)]), output, force)
         return
-    header = ["variant", "GFLOPs", "params (M)", "tokens", "Δ FLOPs", "Δ params"]
-    body = [
-        [rep.name + (" *" if rep.derived else ""), giga(rep.flops), mega(rep.params), "-" if rep.tokens is None else rep.tokens,
-         pct(r["d_flops_%"]), pct(r["d_params_%"])]
-        for r, rep in zip(rows, reports)
-    ]
+    measured = any(rep.measured for rep in reports)
+    header = ["variant", "GFLOPs", "params (M)", "tokens", "Δ FLOPs", "Δ params", "pred. train MiB"]
+    if measured:
+        header += ["train ms", "img/s", "peak MiB", "infer ms"]
+    body = []
+    for r, rep in zip(rows, reports):
+        mark = (" *" if rep.derived else "") + (" !" if rep.unsupported else "")
+        line = [rep.name + mark, giga(rep.flops), mega(rep.params), rep.tokens_text(), pct(r["d_flops_%"]),
+                pct(r["d_params_%"]), mib(rep.memory.get("train_peak_bytes"))]
+        if measured:
+            m = rep.measured or {}
+            ms = m.get("train_step_ms")
+            line += ["-" if ms is None else f"{ms:.1f}", "-" if not ms else f"{1000 * m['batch_size'] / ms:.1f}",
+                     mib(m.get("train_peak_bytes")), "-" if m.get("infer_ms") is None else f"{m['infer_ms']:.1f}"]
+            if m.get("halved_from"):
+                line[0] += f" (batch {m['batch_size']}, halved)"
+        body.append(line)
     base = rows[0]["baseline"] if rows else ""
-    foot = f"Δ against {base}; FLOPs in fvcore's convention (1 per multiply-add)"
+    dtype = reports[0].dtype if reports else "fp32"
+    foot = (f"Δ against {base}; FLOPs in fvcore's convention (1 per multiply-add); memory predicted for "
+            f"AdamW training in {dtype}")
+    if measured:
+        m = next(rep.measured for rep in reports if rep.measured)
+        foot += f"; measured: median training step (forward, backward, AdamW) on {m['device']}, peak above the baseline"
     if any(rep.derived for rep in reports):
         foot += "; * derived from distinct blocks"
+    warning = unsupported_warning(reports)
+    caption = warning + "\n" + foot if warning else foot
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="vitlab compare", title_justify="left", caption=Text(foot), caption_justify="left")
+    table = Table(title="vitlab compare", title_justify="left", caption=Text(caption), caption_justify="left")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
     for line in body:
         table.add_row(*(Text(str(v)) for v in line))
     if fmt == "md":
-        write(to_markdown(header, body) + f"\n{foot}\n", output, force)
+        write((f"> **{warning}**\n\n" if warning else "") + to_markdown(header, body) + f"\n{foot}\n", output, force)
         if output is not None:  # the file is for keeping; the terminal still gets the table
             render(table)
         return
