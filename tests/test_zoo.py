@@ -1,0 +1,198 @@
+"""timm's isotropic ViT zoo (issue 12): which models ``spec_from_timm`` reads, that every other one
+is refused with a vitlab error naming the feature, and per family added (DeiT distilled, BEiT-3's
+sub-LN, EVA: EVA-02, DINOv3, Perception Encoder, ``vit_*_rope_*``) outputs equal to timm's after
+loading its weights, FLOPs equal to fvcore's on timm's own unfused model, and a round trip where
+timm can take the spec back.
+
+Every timm model is built with ``pretrained=False``; the reading tests build on the meta device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+import vitlab  # noqa: E402
+from vitlab import SpecError, build_model  # noqa: E402
+from vitlab.timm_interop import (  # noqa: E402
+    load_timm_weights,
+    spec_from_timm,
+    timm_class,
+    timm_kwargs,
+    to_timm_state_dict,
+)
+from vitlab.timm_interop import zoo  # noqa: E402
+from timm_reference import assert_close, images, outputs, randomize  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
+
+
+# --- reading, on the meta device ------------------------------------------------------------------
+
+# what each added family still refuses, and why (the rest of the family reads)
+REFUSED = {
+    "deit": {},
+    "eva": {"RotaryEmbeddingMixed": 6, "attn_only_layer_scale": 5},
+}
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_family_reads_all_but_the_named_refusals(family):
+    (cov,) = zoo.coverage([family])
+    refused = [o for o in cov.outcomes if o.kind != "read"]
+    assert all(o.kind == "refused" for o in refused), [(o.name, o.kind, o.reason) for o in refused]
+    counts = {key: sum(key in o.reason for o in refused) for key in REFUSED[family]}
+    assert counts == REFUSED[family] and sum(counts.values()) == len(refused), [o.reason for o in refused]
+
+
+def test_vision_transformer_family_reads_beit3_and_cropping_siglip():
+    names = ["beit3_base_patch16_224", "beit3_giant_patch14_336", "vit_so400m_patch14_siglip_384"]
+    (cov,) = zoo.coverage(["vision_transformer"], names=names)
+    assert [o.kind for o in cov.outcomes] == ["read"] * 3, [o.reason for o in cov.outcomes]
+    assert spec_from_timm("beit3_base_patch16_224").attention.name == "mhsa_subln"
+    siglip = spec_from_timm("vit_so400m_patch14_siglip_384")  # 384 px in 14 px patches: timm crops to 27 x 27
+    assert siglip.patch_embed.params["stride"] == 14 and siglip.build_context().grid_size == (27, 27)
+
+
+def _one_per_family() -> list[str]:
+    return [timm.list_models(module=f)[0] for f in zoo.families() if timm.list_models(module=f)]
+
+
+def test_every_refusal_is_a_vitlab_error_naming_the_feature():
+    """One model of every family (and the two families' refusals above): a clean SpecError, never a crash."""
+    for name in _one_per_family():
+        family = next(f for f in zoo.families() if name in timm.list_models(module=f))
+        outcome = zoo.read_one(name, family)
+        assert outcome.kind in ("read", "refused"), (name, outcome.kind, outcome.reason)
+        if outcome.kind == "refused":
+            with pytest.raises(SpecError) as info:
+                spec_from_timm(zoo.meta_model(name))
+            assert f"timm model '{name}'" in str(info.value)
+            assert outcome.reason and outcome.reason in str(info.value)
+
+
+def test_markdown_table_lists_families_and_totals():
+    table = zoo.coverage(["deit"])
+    text = zoo.markdown(table)
+    assert "| `deit` | 16 / 16 |" in text and "**16 / 16**" in text and timm.__version__ in text
+
+
+# --- outputs equal timm's, after loading timm's weights --------------------------------------------
+
+SMALL = dict(depth=2, embed_dim=64, num_heads=2)
+COMPARED = {  # name -> create_model kwargs (full size where a forward is fast)
+    "deit_tiny_distilled_patch16_224": {},
+    "deit_small_distilled_patch16_224": dict(depth=2, img_size=96),
+    "beit3_base_patch16_224": dict(SMALL, img_size=64),
+    "vit_large_patch14_reg4_dinov2": dict(SMALL, img_size=56),  # unchanged family, as a control
+    "eva02_tiny_patch14_224": {},
+    "eva02_base_patch16_clip_224": dict(SMALL, img_size=64),  # sub-LN, separate q/k/v, SwiGLU with norm
+    "eva02_enormous_patch14_clip_224": dict(SMALL, img_size=56),  # res-post-norm blocks
+    "vit_small_patch16_dinov3": dict(depth=2, img_size=96),  # DINOv3 RoPE, registers, layer scale
+    "vit_small_plus_patch16_dinov3_qkvb": dict(depth=2, img_size=64),  # EVA's fused q/v bias, SwiGLU
+    "vit_pe_core_tiny_patch16_384": dict(depth=2, img_size=64),  # attention pool over every token
+    "vit_base_patch16_rope_ape_224": dict(SMALL, img_size=64),  # RoPE plus a learned table
+    "vit_pe_spatial_tiny_patch16_512": dict(depth=2, img_size=64),  # pre-norm, bias-free patch conv
+}
+
+
+@pytest.mark.parametrize("name", COMPARED)
+def test_outputs_match_timm(name):
+    tm = randomize(timm.create_model(name, pretrained=False, **COMPARED[name])).eval()
+    spec = spec_from_timm(tm)
+    model = build_model(spec)
+    report = load_timm_weights(model, tm.state_dict())
+    assert report.ok, str(report)
+    x = images(spec)
+    assert_close(outputs(model, x), outputs(tm, x))
+
+
+def test_dinov3_at_other_image_sizes():
+    """DINOv3 reads dynamic_img_size: RoPE recomputed for the new grid, as timm does."""
+    tm = randomize(timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=1, img_size=64)).eval()
+    spec = spec_from_timm(tm)
+    assert spec.dynamic_img_size
+    model = build_model(spec)
+    assert load_timm_weights(model, tm).ok
+    x = torch.randn(1, 3, 80, 48, generator=torch.Generator().manual_seed(2))
+    assert_close(outputs(model, x), outputs(tm, x))
+
+
+def test_eva_weights_are_fused_and_renamed():
+    tm = timm.create_model("eva02_base_patch16_clip_224", pretrained=False, **SMALL, img_size=64)
+    model = build_model(spec_from_timm(tm))
+    report = load_timm_weights(model, tm)
+    assert report.ok
+    assert "blocks.0.attn.qkv.weight" in report.loaded + report.converted
+    with torch.no_grad():  # the key bias timm keeps at zero outside its state dict
+        assert torch.count_nonzero(model.blocks[0].attn.qkv.bias[64:128]) == 0
+
+
+# --- FLOPs equal fvcore's on timm's own model (unfused attention) ------------------------------------
+
+FLOPS = {
+    "deit_tiny_distilled_patch16_224": {},
+    "deit_small_distilled_patch16_224": dict(depth=2),
+    "beit3_base_patch16_224": dict(depth=1),
+    "eva02_tiny_patch14_224": {},
+    "vit_small_patch16_dinov3": dict(depth=2),
+    "vit_pe_core_tiny_patch16_384": dict(depth=2),
+}
+
+
+@pytest.fixture
+def fvcore_on_timm(monkeypatch):
+    """fvcore's FLOPs of timm's own model built with unfused attention (timm's flag restored after)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", timm.layers.config._USE_FUSED_ATTN)
+    timm.layers.set_fused_attn(False)
+
+    def run(name: str, img_hw, **kw) -> int:
+        tm = timm.create_model(name, pretrained=False, **kw).eval()
+        assert not any(getattr(m, "fused_attn", False) for m in tm.modules())
+        flops = FlopCountAnalysis(tm, torch.randn(1, 3, *img_hw))
+        return flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+
+    return run
+
+
+@pytest.mark.parametrize("name", FLOPS)
+def test_flops_equal_fvcore_on_timm(name, fvcore_on_timm):
+    spec = spec_from_timm(name, **FLOPS[name])
+    full = vitlab.analyze(spec, method="full")
+    theirs = fvcore_on_timm(name, spec.img_hw, **FLOPS[name])
+    assert abs(full.flops - theirs) <= 0.005 * theirs, (full.flops, theirs)
+    assert full.unsupported == {}
+
+
+# --- back to timm ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, kw", [
+    ("deit_tiny_distilled_patch16_224", dict(depth=2, img_size=64)),
+    ("deit_base_distilled_patch16_384", dict(SMALL, img_size=64, num_classes=0)),
+    ("beit3_base_patch16_224", dict(SMALL, img_size=64)),
+])
+def test_round_trip_through_timm(name, kw):
+    spec = spec_from_timm(name, **kw)
+    model = randomize(build_model(spec, seed=0)).eval()
+    tm = timm_class(spec)(**timm_kwargs(spec)).eval()
+    tm.load_state_dict(to_timm_state_dict(model), strict=True)
+    x = images(spec)
+    assert_close(outputs(tm, x), outputs(model, x))
+    assert spec_from_timm(tm).model_dump(exclude={"name"}) == spec.model_dump(exclude={"name"})
+
+
+def test_distilled_export_refuses_what_deit_cannot_hold():
+    spec = spec_from_timm("deit_tiny_distilled_patch16_224", depth=1)
+    data = spec.to_dict()
+    data["pos_embed"] = {"name": "learned", "params": {"include_prefix": False}}
+    with pytest.raises(SpecError, match="distillation token without its position row"):
+        timm_kwargs(data)
+
+
+def test_eva_export_is_refused_by_name():
+    spec = spec_from_timm("eva02_tiny_patch14_224", depth=1)
+    with pytest.raises(SpecError, match="position encoding 'rope'"):
+        timm_kwargs(spec)

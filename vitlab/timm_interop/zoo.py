@@ -1,0 +1,135 @@
+"""How much of timm's isotropic ViT zoo ``spec_from_timm`` reads: every model of the families
+below, built on the meta device (structure only, nothing allocated or downloaded), read or refused.
+
+A refusal must be a clean vitlab error naming the feature (``SpecError``); anything else is a
+crash and is reported as such. ``scripts/zoo_coverage.py`` prints the table the README shows.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from ..errors import VitlabError
+
+# timm modules holding isotropic (single-width, one token grid) ViTs, in the README's order;
+# the VLM vision towers are listed when the installed timm has them
+FAMILIES: tuple[str, ...] = (
+    "vision_transformer", "deit", "eva", "vision_transformer_sam", "beit", "vision_transformer_relpos",
+    "cait", "vision_transformer_hybrid", "xcit", "convit", "naflexvit", "qwen3_vit", "gemma4_vit",
+    "deepseek_vit",
+)
+
+
+@dataclass
+class Outcome:
+    """One model: ``read`` or why not. ``kind`` is ``read``, ``refused`` (a vitlab error),
+    ``crash`` (any other exception from vitlab) or ``unbuildable`` (timm cannot build it on meta)."""
+
+    name: str
+    family: str
+    kind: str
+    reason: str = ""
+
+
+@dataclass
+class FamilyCoverage:
+    family: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def read(self) -> int:
+        return sum(o.kind == "read" for o in self.outcomes)
+
+    def first(self, kind: str) -> Outcome | None:
+        return next((o for o in self.outcomes if o.kind == kind), None)
+
+
+def families() -> list[str]:
+    """The families the installed timm has."""
+    import importlib
+
+    out = []
+    for fam in FAMILIES:
+        try:
+            importlib.import_module(f"timm.models.{fam}")
+        except ImportError:
+            continue
+        out.append(fam)
+    return out
+
+
+def meta_model(name: str, **kwargs):
+    """``timm.create_model(name)`` on the meta device (``pretrained=False``)."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # "cannot convert timm model 'x': unsupported y" -> "y": the feature, not the model
+    if ": unsupported " in text:
+        return text.split(": unsupported ", 1)[1]
+    return re.sub(r"^cannot convert timm model '[^']*': ", "", text)
+
+
+def read_one(name: str, family: str) -> Outcome:
+    """Build ``name`` on the meta device and read it."""
+    from .spec_from import spec_from_timm
+
+    try:
+        model = meta_model(name)
+    except Exception as exc:  # noqa: BLE001 - timm's own limitation, not vitlab's
+        return Outcome(name, family, "unbuildable", f"{type(exc).__name__}: {_reason(exc)}")
+    try:
+        spec_from_timm(model)
+    except VitlabError as exc:
+        return Outcome(name, family, "refused", _reason(exc))
+    except Exception as exc:  # noqa: BLE001 - the point is to report it, not to stop
+        return Outcome(name, family, "crash", f"{type(exc).__name__}: {exc}")
+    return Outcome(name, family, "read")
+
+
+def coverage(which: Iterable[str] | None = None, names: Iterable[str] | None = None) -> list[FamilyCoverage]:
+    """Per family (default: all the installed timm has), every model read or refused.
+
+    Args:
+        which: the families to read.
+        names: only these models (within the families).
+    """
+    import timm
+
+    keep = set(names) if names is not None else None
+    out = []
+    for fam in which or families():
+        cov = FamilyCoverage(fam)
+        for name in timm.list_models(module=fam):
+            if keep is None or name in keep:
+                cov.outcomes.append(read_one(name, fam))
+        out.append(cov)
+    return out
+
+
+def markdown(table: list[FamilyCoverage]) -> str:
+    """The README's table: family, read / total, and the first refusal per family."""
+    import timm
+
+    rows = [f"Counted with timm {timm.__version__}, every model built on the meta device.", "",
+            "| timm module | read | first refusal |", "|---|---:|---|"]
+    for cov in table:
+        first = cov.first("crash") or cov.first("refused") or cov.first("unbuildable")
+        why = "" if first is None else f"`{first.name}`: {first.reason}".replace("|", "\\|")
+        if first is not None and first.kind != "refused":
+            why = f"**{first.kind}** {why}"
+        rows.append(f"| `{cov.family}` | {cov.read} / {cov.total} | {why} |")
+    read, total = sum(c.read for c in table), sum(c.total for c in table)
+    rows.append(f"| **all** | **{read} / {total}** | |")
+    return "\n".join(rows)
