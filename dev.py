@@ -56,7 +56,7 @@ def ensure_env(with_tests: bool) -> None:
 COMPARISONS = {
     "models": ("vit_base_patch16_224", ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
                                         "vit_large_patch16_224", "vit_huge_patch14_224", "vit_22b"]),
-    "tiny_variants": ("vit_tiny_patch16_224", ["vit_tiny_patch16_224", "vit_tiny_*"]),
+    "tiny_variants": ("vit_tiny_patch16_224", ["vit_tiny_patch16_224", "vit_tiny_*", "pit_ti_like"]),
 }
 
 

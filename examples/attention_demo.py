@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import vitlab
-from vitlab.attention_maps import attention_maps, attention_rollout, patch_heatmap
+from vitlab.maps import attention_maps, attention_rollout, patch_heatmap
 from vitlab.attention_plot import attention_figure, save_figure
 from vitlab.images import normalize, procedural_batch
 

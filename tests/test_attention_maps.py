@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import vitlab
-from vitlab.attention_maps import attention_maps, attention_rollout, patch_heatmap, recording
+from vitlab.maps import attention_maps, attention_rollout, patch_heatmap, recording
 from vitlab.cli import cli, load_commands
 from vitlab.component import Attention
 from vitlab.images import procedural_image, save_png

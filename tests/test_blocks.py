@@ -19,6 +19,8 @@ import torch
 import vitlab
 from vitlab import build_model, load_spec
 
+from vitlab.state import ForwardState
+
 from conftest import TINY, TINY_PATCHES, repo_registry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -27,6 +29,8 @@ REGISTRY = repo_registry()
 BLOCKS = [i.name for i in REGISTRY.components("block")]
 CASES = [(name, {}) for name in BLOCKS] + [("parallel", {"shared_norm": False})]
 N = 1 + TINY_PATCHES
+# what the model hands its blocks for TINY: a 4 x 4 grid after one class token
+STATE = ForwardState.start((4, 4), 1)
 
 
 def make_block(name: str, params: dict | None = None, registry=REGISTRY):
@@ -42,12 +46,12 @@ def branch_problems(block: torch.nn.Module, x: torch.Tensor) -> list[str]:
     """Why ``block`` fails to add both residual branches to its output (empty: it does)."""
     problems = []
     with torch.no_grad():
-        ref = block(x)
+        ref = block(x, STATE)
         for branch in ("attn", "mlp"):
             module = getattr(block, branch)
             module.forward = _zeros  # instance attribute shadows the class's forward
             try:
-                out = block(x)
+                out = block(x, STATE)
             finally:
                 del module.forward
             if torch.allclose(out, ref, atol=1e-6, rtol=0):
@@ -55,7 +59,7 @@ def branch_problems(block: torch.nn.Module, x: torch.Tensor) -> list[str]:
     block.zero_grad(set_to_none=True)
     weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
     # a random projection: sum(out) alone can have zero gradient through a final LayerNorm
-    (block(x) * weights).sum().backward()
+    (block(x, STATE) * weights).sum().backward()
     for pname in ("attn.proj.weight", "mlp.fc2.weight"):
         grad = block.get_parameter(pname).grad
         if grad is None or not grad.abs().max() > 0:
@@ -90,8 +94,8 @@ class NotebookBlock(vitlab.Block):
         self.norm1, self.attn = ctx.make("norm"), ctx.make("attention")
         self.norm2, self.mlp = ctx.make("norm"), ctx.make("mlp")
 
-    def forward(self, x, qk_transform=None):
-        attn_out = self.attn(self.norm1(x), qk_transform)  # noqa: F841  (the bug: never added)
+    def forward(self, x, state):
+        attn_out = self.attn(self.norm1(x), state)  # noqa: F841  (the bug: never added)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -101,8 +105,8 @@ class NoMlpBlock(NotebookBlock):
 
     name = "no_mlp_bug"
 
-    def forward(self, x, qk_transform=None):
-        x = x + self.attn(self.norm1(x), qk_transform)
+    def forward(self, x, state):
+        x = x + self.attn(self.norm1(x), state)
         self.mlp(self.norm2(x))
         return x
 
@@ -133,7 +137,7 @@ def test_check_flags_the_notebook_bug(tokens):
 
 
 def _formula(name, b, x):
-    a = lambda h: b.attn(h)  # noqa: E731
+    a = lambda h: b.attn(h, STATE)  # noqa: E731
     if name == "prenorm":  # Dosovitskiy et al. 2021, eq. 2-3
         x = x + a(b.norm1(x))
         return x + b.mlp(b.norm2(x))
@@ -159,7 +163,7 @@ def test_block_formula(name, tokens):
                 mod.weight.uniform_(0.5, 1.5)
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.uniform_(-0.5, 0.5)
-        torch.testing.assert_close(block(tokens), _formula(name, block, tokens), atol=1e-6, rtol=0)
+        torch.testing.assert_close(block(tokens, STATE), _formula(name, block, tokens), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name, timm_cls", [("prenorm", "Block"), ("respostnorm", "ResPostBlock")])
@@ -169,4 +173,4 @@ def test_block_matches_timm(name, timm_cls, tokens):
     ref = getattr(vt, timm_cls)(dim=32, num_heads=2, qkv_bias=True, init_values=0.5 if name == "prenorm" else None).eval()
     ref.load_state_dict(block.state_dict(), strict=True)  # same parameter names, all weights copied
     with torch.no_grad():
-        torch.testing.assert_close(block(tokens), ref(tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(block(tokens, STATE), ref(tokens), atol=1e-5, rtol=0)

@@ -18,7 +18,7 @@ import torch
 
 import vitlab
 from vitlab import SpecError
-from vitlab.attention_maps import attention_maps
+from vitlab.maps import attention_maps
 from vitlab.errors import did_you_mean
 
 from conftest import REPO, TINY, subprocess_env
@@ -29,7 +29,7 @@ PLUGINS = {  # distribution -> (entry point, module, components)
     "vitlab-rope": ("rope", "vitlab_rope", {("pos_embed", "rope2d")}),
     "vitlab-convstem": ("convstem", "vitlab_convstem", {("patch_embed", "conv_stem")}),
     "vitlab-efficient-attention": (
-        "efficient_attention", "vitlab_efficient_attention", {("attention", "linear"), ("attention", "window")},
+        "efficient_attention", "vitlab_efficient_attention", {("attention", "linear")},
     ),
 }
 PLUGIN_RECIPES = sorted((REPO / "recipes" / "plugins").glob("*.yaml"))
@@ -39,7 +39,6 @@ NEEDS = {
     "vit_tiny_rope2d_qknorm": ("vitlab-rope", "pos_embed", "rope2d"),
     "vit_tiny_convstem": ("vitlab-convstem", "patch_embed", "conv_stem"),
     "vit_tiny_linear_attn": ("vitlab-efficient-attention", "attention", "linear"),
-    "vit_tiny_window7": ("vitlab-efficient-attention", "attention", "window"),
 }
 
 
@@ -166,15 +165,16 @@ def test_without_rope_the_cli_says_so_instead_of_an_import_error(run_python):
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip() == (
         "error: recipes/plugins/vit_tiny_rope2d.yaml: pos_embed.name: unknown pos_embed 'rope2d', "
-        "provided by no installed plugin; known: learned, none, sincos2d"
+        "provided by no installed plugin; did you mean 'rope'? known: learned, none, peg, rope, sincos2d"
     )
     assert "Traceback" not in res.stderr and "ImportError" not in res.stderr
 
 
 @pytest.mark.parametrize("attention", ["window", "linear"])
 def test_plugins_compose_rope_with_efficient_attention_and_qk_norm(attention, installed):
-    """rope2d acts inside the other plugin's attention without either knowing of the other."""
-    params = {"qk_norm": True, **({"window": 2} if attention == "window" else {})}
+    """rope2d acts inside another plugin's attention (and the built-in window attention) without
+    either knowing of the other."""
+    params = {"qk_norm": True, **({"window_size": 2} if attention == "window" else {})}
     spec = vitlab.load_spec({**TINY, "reg_tokens": 1, "pos_embed": "rope2d", "norm": "rmsnorm",
                              "attention": {"name": attention, "params": params}})
     model = vitlab.build_model(spec, seed=0).eval()
@@ -204,7 +204,7 @@ def test_plugins_compose_rope_with_efficient_attention_and_qk_norm(attention, in
 
 def test_conv_stem_feeds_the_other_plugins(installed):
     spec = vitlab.load_spec({**TINY, "patch_embed": {"name": "conv_stem", "params": {"channels": [8, 16, 32]}},
-                             "pos_embed": "rope2d", "attention": {"name": "window", "params": {"window": 2}}})
+                             "pos_embed": "rope2d", "attention": {"name": "window", "params": {"window_size": 2}}})
     with torch.no_grad():
         assert vitlab.build_model(spec, seed=0).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert sys.modules["vitlab_convstem"].__version__ == "0.1.0"

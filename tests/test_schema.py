@@ -88,7 +88,8 @@ def test_every_component_default_validates(validator, installed_registry):
     {"attention": "mhas"},  # unknown name, bare form
     {"pos_embed": {"name": "rope3d"}},  # unknown name
     {"attention": {"name": "mhsa", "params": {"qk_nrom": True}}},  # unknown param
-    {"attention": {"name": "window", "params": {"window": "seven"}}},  # wrong type (plugin params)
+    {"attention": {"name": "window", "params": {"window_size": "seven"}}},  # wrong type
+    {"attention": {"name": "linear", "params": {"eps": "tiny"}}},  # wrong type (plugin params)
     {"patch_embed": {"name": "conv_stem", "params": {"channels": [24, -1]}}},  # constraint of a plugin param
     {"attention": {"name": "mhsa", "params": {"attn_drop": 1.5}}},  # out of range
     {"attention": {"name": "mhsa", "extra": 1}},  # unknown key of a selection
@@ -96,6 +97,11 @@ def test_every_component_default_validates(validator, installed_registry):
     {"img_size": [224]},  # not a pair
     {"attention": {"params": {"qk_norm": True}}},  # params without a name need extends
     {"extends": ""},
+    {"layers": [{"attention": "mhsa"}]},  # an override without the blocks it applies to
+    {"layers": [{"at": "two", "attention": "mhsa"}]},  # not indices
+    {"layers": [{"at": 1, "attention": "mhas"}]},  # unknown name inside a layer
+    {"stages": [{"depth": 1, "embed_dim": 8}]},  # no num_heads
+    {"stages": [{"depth": 1, "embed_dim": 8, "num_heads": 2, "transition": "pool"}]},  # unknown transition
 ])
 def test_invalid_recipes_do_not_validate(validator, data):
     assert _errors(validator, data)

@@ -33,6 +33,8 @@ from vitlab.timm_interop import (  # noqa: E402
     to_timm_state_dict,
 )
 
+from timm_reference import outputs, randomize  # noqa: E402
+
 BASE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 ATOL = 1e-5
 
@@ -55,21 +57,6 @@ def _fast(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Perturb every parameter, so zero biases, unit norm weights and tiny layer scales cannot hide
-    a wrong mapping."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
 
 
 def assert_same(ours, theirs, x, atol=ATOL):
@@ -126,12 +113,10 @@ def test_named_models_full_size_match_timm(name):
 # --- a broad sample of timm's VisionTransformer models ---------------------------------------
 
 KNOWN_UNSUPPORTED = (
-    "norm before the attention output projection (scale_attn_norm)",
     "block type timm.models.vision_transformer.ParallelThingsBlock",
     "block type timm.models.vision_transformer.DiffParallelScalingBlock",
     "attention layer DiffAttention",
     "not divisible by patch size",
-    "distillation token (VisionTransformerDistilled)",
     "patch embedding HybridEmbed",
 )
 
@@ -216,6 +201,7 @@ FEATURES = {
     "swiglu": dict(mlp_layer=SwiGLU, act_layer="silu", mlp_ratio=8 / 3),
     "swiglu_packed": dict(mlp_layer=SwiGLUPacked, act_layer="silu", mlp_ratio=2 * 8 / 3),
     "scale_mlp_norm": dict(scale_mlp_norm=True),
+    "scale_attn_norm": dict(scale_attn_norm=True, scale_mlp_norm=True),  # BEiT-3's sub-LN: mhsa_subln
     "respost": dict(block_fn=ResPostBlock, init_values=0.1),
     "parallel": dict(block_fn=ParallelScalingBlock),
     "parallel_no_qkv_bias": dict(block_fn=ParallelScalingBlock, qkv_bias=False, qk_norm=True, init_values=1e-3),
@@ -239,6 +225,7 @@ FEATURES = {
     "no_pos_embed": dict(pos_embed="none"),
     "dynamic_img_size": dict(dynamic_img_size=True, reg_tokens=1, no_embed_class=True),
     "non_square": dict(img_size=(32, 24), patch_size=(8, 4)),
+    "cropping": dict(img_size=36),  # timm's conv drops the last 4 pixels: a stride-8 conv
     "one_channel": dict(in_chans=1),
     "head_free": dict(num_classes=0),
 }
@@ -288,7 +275,6 @@ def test_spec_from_timm_by_name_allocates_nothing():
 
 
 UNSUPPORTED = {
-    "scale_attn_norm": (dict(scale_attn_norm=True), "scale_attn_norm"),
     "avgmax": (dict(global_pool="avgmax"), "global_pool 'avgmax'"),
     "max": (dict(global_pool="max"), "global_pool 'max'"),
     "prr": (dict(global_pool="prr"), "AttentionPoolPrr"),
@@ -299,7 +285,7 @@ UNSUPPORTED = {
     "swiglu_gelu": (dict(mlp_layer=SwiGLU), "gated MLP with GELU gate"),
     "mixed_norms": (dict(embed_norm_layer="rmsnorm"), "mix of norm layers"),
     "avg_over_prefix": (dict(global_pool="avg", pool_include_prefix=True), "pool_include_prefix"),
-    "cropping": (dict(img_size=36), "not divisible by patch size"),
+    "cropping_dynamic": (dict(img_size=36, dynamic_img_size=True), "not divisible by patch size"),
     "map_fc_norm": (dict(global_pool="map", fc_norm=True), "fc_norm after map pooling"),
     "mish": (dict(act_layer="mish"), "activation"),
 }
@@ -316,8 +302,10 @@ def test_unsupported_feature_is_named(kw, feature):
 def test_not_a_vision_transformer_is_refused():
     with pytest.raises(SpecError, match="is not a timm VisionTransformer"):
         spec_from_timm(timm.create_model("resnet18", pretrained=False, device="meta"))
-    with pytest.raises(SpecError, match="distillation token"):
-        spec_from_timm("deit_tiny_distilled_patch16_224")
+    with pytest.raises(SpecError, match="distilled training mode"):
+        tm = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, device="meta")
+        tm.set_distilled_training(True)
+        spec_from_timm(tm)
 
 
 def test_map_pool_equals_attention_pool_latent():
@@ -650,8 +638,8 @@ def test_from_timm_command(tmp_path):
     assert load_spec(out).name == "vit_tiny_patch16_224"
     bad = run("from-timm", "vit_tiny_patch16_22")
     assert bad.exit_code == 2 and "unknown timm model" in bad.output and "did you mean" in bad.output
-    unsupported = run("from-timm", "deit_tiny_distilled_patch16_224")
-    assert unsupported.exit_code == 2 and "distillation token" in unsupported.output
+    unsupported = run("from-timm", "xcit_nano_12_p16_224")
+    assert unsupported.exit_code == 2 and "Xcit" in unsupported.output
 
 
 def test_import_vitlab_does_not_import_timm(run_python):

@@ -2,11 +2,14 @@
 pydantic model that forbids unknown keys, and builds from a ``BuildContext`` plus those params.
 
 Kinds, in the order a recipe lists them: ``patch_embed``, ``pos_embed``, ``attention``, ``mlp``,
-``norm``, ``block``, ``pool``.
+``norm``, ``block``, ``pool``, and ``transition`` (between the ``stages`` of a staged model).
+
+At forward time blocks, attention, position encodings and transitions receive a
+:class:`~vitlab.state.ForwardState` (grid, prefix tokens, block index, position transform and bias).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +17,12 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .context import BuildContext
+from .layers import Linear
+from .state import ForwardState, QKTransform
 
-KINDS: tuple[str, ...] = ("patch_embed", "pos_embed", "attention", "mlp", "norm", "block", "pool")
-
-# (q, k) -> (q, k), both (B, heads, N, head_dim): how a position encoding acts inside attention.
-QKTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+KINDS: tuple[str, ...] = ("patch_embed", "pos_embed", "attention", "mlp", "norm", "block", "pool", "transition")
+# the kinds a ``layers`` entry may override per block
+BLOCK_KINDS: tuple[str, ...] = ("attention", "mlp", "norm", "block")
 
 
 class Component(nn.Module):
@@ -71,19 +75,38 @@ class PatchEmbed(Component):
 
 
 class PosEncoding(Component):
-    """Adds position information. ``forward`` gets all tokens (B, P + N, D), prefix tokens first,
-    and the patch grid; an encoding that acts inside attention returns a transform from
-    ``qk_transform``."""
+    """Adds position information, in up to four places:
+
+    * ``forward(x, state)``: to all tokens (B, P + N, D), prefix first, right after the embedding;
+    * ``qk_transform(grid)``: a transform of queries and keys inside every attention (RoPE);
+    * ``attn_bias(grid, num_prefix)``: an additive attention bias shared by every attention;
+    * ``after_block(x, state)``: to the tokens after a block (CPVT's position generator).
+
+    The model recomputes the transform and bias whenever the grid changes (another image size,
+    a stage transition).
+    """
 
     kind = "pos_embed"
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         return x
 
     def qk_transform(self, grid: tuple[int, int]) -> QKTransform | None:
         """A function applied to queries and keys (B, heads, N, head_dim) in every attention
         layer, or ``None``. Attention components apply it without knowing what it is (RoPE)."""
         return None
+
+    def attn_bias(self, grid: tuple[int, int], num_prefix: int) -> torch.Tensor | None:
+        """An additive bias broadcastable to (B, heads, P + N, P + N) for every attention, or ``None``."""
+        return None
+
+    def after_block(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        """Tokens after block ``state.block_index``; the default adds nothing."""
+        return x
+
+    def acts_after(self, block_index: int) -> bool:
+        """Whether ``after_block`` does anything after that block (derived counts tell blocks apart by it)."""
+        return False
 
 
 class Attention(Component):
@@ -102,23 +125,37 @@ class Attention(Component):
         self.attn_map: torch.Tensor | None = None
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """softmax(q kᵀ / sqrt(head_dim)) v for (B, heads, N, head_dim) inputs.
+        """softmax(q kᵀ / sqrt(head_dim) + bias) v.
+
+        Args:
+            q: (B, heads, Nq, head_dim).
+            k, v: (B, kv_heads, Nk, head_dim) with ``heads`` a multiple of ``kv_heads``
+                (grouped-query / multi-query attention: each group of query heads shares one).
+            bias: additive, broadcastable to (B, heads, Nq, Nk) (relative position bias, masks).
 
         The default path is the fused kernel; the explicit path runs only while recording and
-        keeps the probabilities (the notebook's attention returned them).
+        keeps the probabilities (the notebook's attention returned them). Both count the same FLOPs.
         """
+        groups = q.shape[1] // k.shape[1]
         if not self.record_maps:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            if groups > 1:  # the fused kernel shares kv heads itself: no copies of k and v
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        if groups > 1:  # (B, kv_heads, N, hd) -> (B, heads, N, hd), head h reads kv head h // groups
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, Nq, Nk)
+        if bias is not None:
+            attn = attn + bias
         attn = attn.softmax(dim=-1)
         self.attn_map = attn.detach()
         if dropout_p:
             attn = F.dropout(attn, p=dropout_p)
         return attn @ v
 
-    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -139,21 +176,53 @@ class Norm(Component):
 
 class Block(Component):
     """One transformer layer (B, N, D) -> (B, N, D): how attention, MLP, norms and residuals are
-    ordered. Builds its parts with ``ctx.make("attention")`` etc."""
+    ordered. Builds its parts with ``ctx.make("attention")`` etc. (this block's selections, which
+    the recipe's ``layers`` may override).
+
+    ``forward(x, state)`` returns the tokens, or ``(tokens, new_state)`` when the block changed
+    their number or grid (token merging); see ``ForwardState.regrid``.
+    """
 
     kind = "block"
 
-    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor | tuple[torch.Tensor, ForwardState]:
         raise NotImplementedError
 
 
 class Pool(Component):
-    """Tokens (B, N, D) -> pooled features (B, D), or tokens when ``keeps_tokens``."""
+    """Tokens (B, N, D) -> pooled features (B, D), or tokens when ``keeps_tokens``; ``make_head``
+    builds the classifier that follows."""
 
     kind = "pool"
     keeps_tokens: ClassVar[bool] = False
 
+    def make_head(self, ctx: BuildContext, num_classes: int) -> nn.Module:
+        """The classifier after this pool: its features -> logits (B, num_classes), or with
+        ``num_classes == 0`` -> the model's output. One Linear (none for 0) unless a pool whose
+        features feed several classifiers (a distillation token's) builds its own."""
+        return Linear(ctx.embed_dim, num_classes, **ctx.factory_kwargs) if num_classes else nn.Identity()
+
+
+class Transition(Component):
+    """Between two ``stages``: maps the tokens of one stage to the next, (B, P + N, D_in) ->
+    (B, P + N', D_out), and may change the patch grid, the width and the number of tokens.
+
+    Built with the context of the stage it leads into (``embed_dim``, ``num_heads``) plus
+    ``ctx.in_dim`` (the previous stage's width) and ``ctx.grid_size`` (the grid it receives).
+    ``forward(x, state)`` returns ``(tokens, state.regrid(new_grid))``.
+    """
+
+    kind = "transition"
+
+    @classmethod
+    def out_grid(cls, grid: tuple[int, int], params: Any) -> tuple[int, int]:
+        """The grid this transition produces from ``grid`` (checked at validation time)."""
+        return tuple(grid)
+
+    def forward(self, x: torch.Tensor, state: ForwardState) -> tuple[torch.Tensor, ForwardState]:
+        raise NotImplementedError
+
 
 KIND_BASES: dict[str, type[Component]] = {
-    b.kind: b for b in (PatchEmbed, PosEncoding, Attention, Mlp, Norm, Block, Pool)
+    b.kind: b for b in (PatchEmbed, PosEncoding, Attention, Mlp, Norm, Block, Pool, Transition)
 }

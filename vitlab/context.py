@@ -25,8 +25,11 @@ class BuildContext:
         grid_size: patch grid (rows, cols) the patch embedder produces at ``img_size``.
         class_token: whether a class token leads the sequence.
         reg_tokens: number of register tokens after the class token.
-        depth: number of blocks.
-        block_index: index of the block being built, ``None`` outside blocks.
+        depth: number of blocks (all stages).
+        block_index: index of the block being built (global across stages), ``None`` outside blocks.
+        stage_index: the stage being built (0 without ``stages``); ``embed_dim``, ``num_heads``
+            and ``grid_size`` are that stage's.
+        in_dim: for a transition, the width of the stage it receives; ``None`` elsewhere.
         drop_path: stochastic-depth rate of this block (the spec's rate, scaled linearly by depth).
         proj_drop: dropout after attention / MLP output projections.
         device, dtype: where and how parameters are allocated (``device="meta"`` allocates nothing).
@@ -43,6 +46,8 @@ class BuildContext:
     reg_tokens: int
     depth: int
     block_index: int | None = None
+    stage_index: int = 0
+    in_dim: int | None = None
     drop_path: float = 0.0
     proj_drop: float = 0.0
     dynamic_img_size: bool = False

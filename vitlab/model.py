@@ -11,11 +11,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .component import BLOCK_KINDS
 from .errors import PluginError
-from .layers import Linear
 from .plugins import BUILTIN
 from .registry import Registry
 from .spec import ViTSpec
+from .state import ForwardState, as_output
 
 
 class VisionTransformer(nn.Module):
@@ -34,9 +35,19 @@ class VisionTransformer(nn.Module):
 
             registry = get_registry()
         self.spec = spec
+        self.registry = registry  # what built it: counting and converting read the same components
+
+        plans = spec.block_plans()
+        stage_plans = spec.stage_plans()
 
         def factory(kind: str, ctx, **kwargs: Any) -> nn.Module:
-            sel = spec.selection(kind)
+            # a block's parts follow its own selections (``layers``); a transition its stage's
+            if ctx.block_index is not None and kind in BLOCK_KINDS:
+                sel = plans[ctx.block_index].selections[kind]
+            elif kind == "transition":
+                sel = stage_plans[ctx.stage_index].transition
+            else:
+                sel = spec.selection(kind)
             info = registry.get(kind, sel.name)
             params = info.cls.Params.model_validate(sel.params)
             if info.provider == BUILTIN:
@@ -53,11 +64,14 @@ class VisionTransformer(nn.Module):
                 raise PluginError(f"{kind} '{sel.name}' from plugin '{info.provider}' built {type(module).__name__}, not a module")
             return module
 
-        ctx = spec.build_context(registry, device=device, dtype=dtype, _factory=factory)
+        contexts = [c.replace(_factory=factory) for c in
+                    spec.stage_contexts(registry, device=device, dtype=dtype)]
+        ctx, last = contexts[0], contexts[-1]
         self.ctx = ctx
-        D, fk = spec.embed_dim, ctx.factory_kwargs
+        D, fk = ctx.embed_dim, ctx.factory_kwargs
         self.num_prefix_tokens = ctx.num_prefix_tokens
         self.grid_size = ctx.grid_size
+        self.stage_grids = [c.grid_size for c in contexts]  # at the recipe's img_size
 
         self.patch_embed = ctx.make("patch_embed")
         self.cls_token = nn.Parameter(torch.empty(1, 1, D, **fk)) if spec.class_token else None
@@ -68,12 +82,19 @@ class VisionTransformer(nn.Module):
         # stochastic depth grows linearly with depth, 0 for the first block
         rates = [spec.drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]
         self.blocks = nn.ModuleList(
-            ctx.replace(block_index=i, drop_path=rates[i]).make("block") for i in range(spec.depth)
+            contexts[p.stage].replace(block_index=p.index, drop_path=rates[p.index],
+                                      mlp_hidden_dim=p.mlp_hidden_dim(contexts[p.stage].embed_dim)).make("block")
+            for p in plans
         )
-        self.norm = ctx.make("norm") if spec.final_norm else nn.Identity()
-        self.pool = ctx.make("pool")
+        # transitions.<stage> leads into that stage, before its first block
+        self.transitions = nn.ModuleDict({
+            str(p.index): spec._transition_context(contexts, p.index).make("transition") for p in stage_plans[1:]
+        })
+        self._transition_at = {p.start: str(p.index) for p in stage_plans[1:]}
+        self.norm = last.make("norm") if spec.final_norm else nn.Identity()
+        self.pool = last.make("pool")
         self.head_drop = nn.Dropout(spec.drop_rate)
-        self.head = Linear(D, spec.num_classes, **fk) if spec.num_classes else nn.Identity()
+        self.head = self.pool.make_head(last, spec.num_classes)
         self.grad_checkpointing = False
 
         # class / register tokens start near zero (timm: normal, std 1e-6)
@@ -96,23 +117,43 @@ class VisionTransformer(nn.Module):
         embed = type(self.patch_embed)
         return tuple(embed.grid_size((height, width), self.spec.patch_hw, self.patch_embed.params))
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens after the final norm (B, P + N, D)."""
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
+        """Images (B, C, H, W) -> tokens entering the first block (B, P + N, D) and their state."""
         B, _, H, W = images.shape
         grid = self.patch_grid(H, W)
+        state = ForwardState.start(grid, self.num_prefix_tokens, positions=self.pos_embed)
         x = self.patch_embed(images)  # (B, N, D)
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         if prefix:
             x = torch.cat(prefix + [x], dim=1)  # (B, P + N, D), class token first
-        x = self.pos_embed(x, grid)
-        x = self.norm_pre(self.pos_drop(x))
-        qk_transform = self.pos_embed.qk_transform(grid)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, qk_transform, use_reentrant=False)
-            else:
-                x = block(x, qk_transform)
-        return self.norm(x)
+        x = self.pos_embed(x, state)
+        return self.norm_pre(self.pos_drop(x)), state
+
+    def run_block(self, index: int, x: torch.Tensor, state: ForwardState) -> tuple[torch.Tensor, ForwardState]:
+        """Block ``index`` (after the transition into its stage, if it starts one), then the
+        position encoding's ``after_block``: (tokens, state) -> (tokens, state)."""
+        stage = self._transition_at.get(index)
+        if stage is not None:
+            x, state = as_output(self.transitions[stage](x, state.replace(stage_index=int(stage), block_index=None)), state)
+        state = state.replace(block_index=index)
+        block = self.blocks[index]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(block, x, state, use_reentrant=False)
+        else:
+            out = block(x, state)
+        x, state = as_output(out, state)
+        return self.pos_embed.after_block(x, state), state
+
+    def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
+        """Images -> tokens after the final norm and the state they end in."""
+        x, state = self.embed(images)
+        for i in range(len(self.blocks)):
+            x, state = self.run_block(i, x, state)
+        return self.norm(x), state
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens after the final norm (B, P + N, D)."""
+        return self.forward_tokens(images)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> pooled features (``pre_logits``) or logits."""

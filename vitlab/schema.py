@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .component import KINDS
+from .component import BLOCK_KINDS, KINDS
 from .registry import Registry
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -116,6 +116,8 @@ def recipe_schema(registry: Registry | None = None) -> dict[str, Any]:
     }
     for kind in KINDS:
         properties[kind] = component_schema(kind, registry, defs, base=spec_schema["properties"].get(kind))
+    properties["layers"] = _layers_schema(registry, defs, spec_schema["properties"]["layers"])
+    properties["stages"] = _stages_schema(registry, defs, spec_schema["properties"]["stages"])
     # $defs the ViTSpec schema had for the kinds (ComponentSpec) are no longer referenced
     used = _refs(properties) | _refs({k: v for k, v in defs.items()})
     defs = {k: v for k, v in defs.items() if k in used}
@@ -134,6 +136,41 @@ def recipe_schema(registry: Registry | None = None) -> dict[str, Any]:
     if defs:
         schema["$defs"] = defs
     return schema
+
+
+_POSITIVE_INT = {"type": "integer", "exclusiveMinimum": 0}
+
+
+def _layers_schema(registry: Registry, defs: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """``layers``: per-block overrides whose selections are the kinds' own choices (a bare name,
+    ``{name, params}``, or ``{params}`` merged into the recipe's selection)."""
+    item = {
+        "type": "object",
+        "properties": {
+            "at": {"description": 'blocks across the whole model: an int, a list of ints, or "0-5,8"',
+                   "anyOf": [{"type": "integer", "minimum": 0},
+                             {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                             {"type": "string", "pattern": r"^\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*$"}]},
+            **{kind: component_schema(kind, registry, defs) for kind in BLOCK_KINDS},
+            "mlp_ratio": {"type": "number", "exclusiveMinimum": 0},
+        },
+        "required": ["at"],
+        "additionalProperties": False,
+    }
+    return {"type": "array", "items": item, "description": base.get("description", "")}
+
+
+def _stages_schema(registry: Registry, defs: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """``stages``: depth, width and heads per stage, and the transition into each (after the first)."""
+    item = {
+        "type": "object",
+        "properties": {"depth": _POSITIVE_INT, "embed_dim": _POSITIVE_INT, "num_heads": _POSITIVE_INT,
+                       "transition": {"anyOf": [component_schema("transition", registry, defs), {"type": "null"}]}},
+        "required": ["depth", "embed_dim", "num_heads"],
+        "additionalProperties": False,
+    }
+    return {"anyOf": [{"type": "array", "items": item, "minItems": 1}, {"type": "null"}],
+            "description": base.get("description", "")}
 
 
 def _refs(node: Any) -> set[str]:

@@ -1,92 +1,61 @@
 """``ViTSpec``: the validated description of one ViT variant.
 
-Global sizes are plain fields; each architectural axis is a ``ComponentSpec`` (``{name, params}``)
-whose params are validated against the registered component's own ``Params`` model, with defaults
-filled in so that a dumped spec is complete. Cross-field constraints (width divisible by heads,
+Global sizes are plain fields; each architectural axis is a ``ComponentSpec`` (``{name, params}``,
+see ``vitlab.selection``) whose params are validated against the registered component's own
+``Params`` model, with defaults filled in so that a dumped spec is complete; ``layers`` and
+``stages`` override them per block and per stage. Cross-field constraints (width divisible by heads,
 patch grid, each component's own ``check``) run at validation time, not at build time.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Optional
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StrictBool,
-    StrictInt,
     ValidationError,
     ValidationInfo,
-    WrapValidator,
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails
 
-from .component import KINDS
+from .component import BLOCK_KINDS, KINDS
 from .context import BuildContext
-from .errors import unknown_choice
+from .layout import BlockPlan, StagePlan, parse_at
 from .registry import Registry
+from .selection import (  # noqa: F401  (ComponentSpec and the helpers are re-exported for callers)
+    ComponentSpec,
+    LayerSpec,
+    NonNegInt,
+    PartialSelection,
+    PosInt,
+    Rate,
+    Size2,
+    StageSpec,
+    _error,
+    _raise,
+    _registry,
+    _relocate,
+    _validate_selection,
+    as_pair,
+    unknown_key_message,
+)
 
-PosInt = Annotated[StrictInt, Field(gt=0)]
-NonNegInt = Annotated[StrictInt, Field(ge=0)]
-
-
-def _size2_errors(value: Any, handler: Any) -> Any:
-    """One clear message for a bad size instead of one per union member."""
-    try:
-        return handler(value)
-    except ValidationError:
-        raise ValueError(f"expected a positive integer or [height, width] of positive integers, got {value!r}") from None
-
-
-Size2 = Annotated[Union[PosInt, tuple[PosInt, PosInt]], WrapValidator(_size2_errors)]
-Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-def as_pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """A size given as one int or as (height, width) -> (height, width)."""
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _registry(info: ValidationInfo | None) -> Registry:
-    if info is not None and isinstance(info.context, dict) and info.context.get("registry") is not None:
-        return info.context["registry"]
-    from .plugins import get_registry
-
-    return get_registry()
-
-
-def _error(loc: tuple, msg: str, value: Any = None) -> InitErrorDetails:
-    return InitErrorDetails(type=PydanticCustomError("vitlab", msg), loc=loc, input=value)
-
-
-def _raise(errors: list[InitErrorDetails], title: str = "ViTSpec") -> None:
-    if errors:
-        raise ValidationError.from_exception_data(title, errors)
-
-
-def unknown_key_message(key: Any, valid: list[str], what: str = "field") -> str:
-    """``unknown field 'depht'; did you mean 'depth'? valid: ...``"""
-    return unknown_choice(what, key, valid, label="valid")
-
-
-class ComponentSpec(BaseModel):
-    """The choice for one architectural axis: a registered ``name`` and its ``params``.
-
-    In a recipe ``attention: {name: mhsa, params: {qk_norm: true}}``; a bare name
-    (``pos_embed: sincos2d``) means default params.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bare_name(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
+# Sizes beyond any model that can be built: a recipe past them is refused at validation, before
+# anything (even a meta tensor, whose byte count overflows near 2**63) is made. ViT-22B uses
+# depth 48, width 6144, MLP width 24576 and 1000 classes: each limit leaves orders of magnitude.
+LIMITS: dict[str, int] = {
+    "depth": 10_000,
+    "embed_dim": 2**20,
+    "mlp_hidden_dim": 2**24,
+    "num_classes": 2**24,
+    "reg_tokens": 2**16,
+    "in_chans": 2**12,
+    "img_size": 2**16,
+}
 
 
 class ViTSpec(BaseModel):
@@ -122,36 +91,124 @@ class ViTSpec(BaseModel):
     norm: ComponentSpec = ComponentSpec(name="layernorm")
     block: ComponentSpec = ComponentSpec(name="prenorm")
     pool: ComponentSpec = ComponentSpec(name="token")
+    transition: ComponentSpec = Field(
+        ComponentSpec(name="pit_pool"), description="between stages, unless a stage names its own")
+
+    stages: Optional[list[StageSpec]] = Field(
+        None, min_length=1, max_length=LIMITS["depth"],  # each stage has a block: refused before validating 10**6
+        description="a staged model: depth, embed_dim and num_heads per stage (the top-level ones follow)")
+    layers: list[LayerSpec] = Field(
+        default_factory=list, description="per-block overrides of attention, mlp, norm, block, mlp_ratio")
 
     # --- validation -------------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sizes_from_stages(cls, data: Any) -> Any:
+        """With ``stages``, the top-level depth (total), embed_dim and num_heads (the last
+        stage's: the width the head sees) follow from them unless the recipe states them."""
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
+            return data
+        stages = data["stages"]
+        if len(stages) > LIMITS["depth"]:  # refused before a million entries are validated one by one
+            raise ValueError(f"stages: {len(stages):,} stages are beyond what can be built "
+                             f"(at most {LIMITS['depth']:,}: each has a block)")
+        if not all(isinstance(st, dict) for st in stages):
+            return data
+        data = dict(data)
+        depths = [st.get("depth") for st in stages]
+        if "depth" not in data and all(isinstance(d, int) and not isinstance(d, bool) for d in depths):
+            data["depth"] = sum(depths)
+        for key in ("embed_dim", "num_heads"):
+            if key not in data and key in stages[-1]:
+                data[key] = stages[-1][key]
+        return data
 
     @field_validator(*KINDS, mode="after")
     @classmethod
     def _resolve_component(cls, sel: ComponentSpec, info: ValidationInfo) -> ComponentSpec:
         """Look the name up in the registry and validate params against its ``Params`` model."""
-        kind = info.field_name
-        registry = _registry(info)
-        if (kind, sel.name) not in registry:
-            _raise([_error(("name",), registry.unknown_message(kind, sel.name), sel.name)])
-        params_model = registry.get(kind, sel.name).cls.Params
-        try:
-            params = params_model.model_validate(sel.params)
-        except ValidationError as exc:
-            valid = list(params_model.model_fields)
-            errors = []
-            for e in exc.errors():
-                msg = e["msg"]
-                if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
-                    msg = unknown_choice("parameter", e["loc"][0], valid, label="valid", extra=f" for {kind} '{sel.name}'")
-                elif "input" in e and not isinstance(e["input"], (dict, list)):
-                    msg = f"{msg[0].lower()}{msg[1:]} (got {e['input']!r})"
-                errors.append(_error(("params",) + tuple(e["loc"]), msg, e.get("input")))
-            _raise(errors)
-        return ComponentSpec(name=sel.name, params=params.model_dump(mode="json"))
+        return _validate_selection(info.field_name, sel, _registry(info))
+
+    @field_validator("stages", mode="after")
+    @classmethod
+    def _resolve_stages(cls, stages: list[StageSpec] | None, info: ValidationInfo) -> list[StageSpec] | None:
+        if stages is None:
+            return None
+        registry, errors, out = _registry(info), [], []
+        default = info.data.get("transition")
+        for i, stage in enumerate(stages):
+            if stage.embed_dim % stage.num_heads:
+                errors.append(_error((i, "num_heads"), f"embed_dim {stage.embed_dim} is not divisible by "
+                                                       f"num_heads {stage.num_heads}", stage.num_heads))
+            if i == 0 and stage.transition is not None:
+                errors.append(_error((0, "transition"), "the first stage follows the patch embedding: it has "
+                                                        "no transition (give transitions to later stages)"))
+            elif i > 0 and default is not None:
+                try:
+                    sel = _validate_selection("transition", (stage.transition or PartialSelection()).over(default),
+                                              registry, (i, "transition"))
+                except ValidationError as exc:
+                    errors.extend(_relocate(exc))
+                    sel = None
+                stage = stage.model_copy(update={"transition": PartialSelection(name=sel.name, params=sel.params)
+                                                 if sel is not None else stage.transition})
+            out.append(stage)
+        _raise(errors)
+        return out
+
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _resolve_layers(cls, layers: list[LayerSpec], info: ValidationInfo) -> list[LayerSpec]:
+        """Check ``at`` against the depth and resolve each override to a complete selection."""
+        registry, errors, out = _registry(info), [], []
+        depth = info.data.get("depth")
+        for i, layer in enumerate(layers):
+            if depth is not None and depth <= LIMITS["depth"]:  # past it, depth alone is the error
+                try:
+                    parse_at(layer.at, depth)
+                except ValueError as exc:
+                    errors.append(_error((i, "at"), str(exc), layer.at))
+            update = {}
+            for kind in BLOCK_KINDS:
+                override, default = getattr(layer, kind), info.data.get(kind)
+                if override is None or default is None:
+                    continue
+                try:
+                    sel = _validate_selection(kind, override.over(default), registry, (i, kind))
+                except ValidationError as exc:
+                    errors.extend(_relocate(exc))
+                    continue
+                update[kind] = PartialSelection(name=sel.name, params=sel.params)
+            out.append(layer.model_copy(update=update))
+        _raise(errors)
+        return out
+
+    def _size_errors(self) -> list[InitErrorDetails]:
+        """Sizes past ``LIMITS``: one error each, naming the limit."""
+        sizes = {"depth": self.depth, "embed_dim": self.embed_dim, "mlp_hidden_dim": self.mlp_hidden_dim,
+                 "num_classes": self.num_classes, "reg_tokens": self.reg_tokens, "in_chans": self.in_chans,
+                 "img_size": max(self.img_hw)}
+        for i, st in enumerate(self.stages or []):
+            sizes[f"stages.{i}.embed_dim"] = st.embed_dim
+        for j, layer in enumerate(self.layers):
+            if layer.mlp_ratio is not None:
+                sizes[f"layers.{j}.mlp_hidden_dim"] = int(self.embed_dim * layer.mlp_ratio)
+        errors = []
+        for key, value in sizes.items():
+            limit = LIMITS[key.rpartition(".")[2]]
+            if value > limit:
+                field = "mlp_ratio" if key.endswith("mlp_hidden_dim") else key.rpartition(".")[2]
+                loc = tuple(int(p) if p.isdigit() else p for p in key.split("."))[:-1] + (field,)
+                what = f"an MLP width of {value}" if field == "mlp_ratio" else f"{value}"
+                errors.append(_error(loc, f"{what} is beyond what can be built (at most {limit:,})", value))
+        return errors
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> "ViTSpec":
-        errors: list[InitErrorDetails] = []
+        errors = self._size_errors()
+        if errors:  # nothing below is safe to size with these
+            _raise(errors)
         if self.mlp_hidden_dim < 1:
             errors.append(_error(
                 ("mlp_ratio",),
@@ -164,26 +221,58 @@ class ViTSpec(BaseModel):
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
                 self.num_heads,
             ))
+        if self.stages is not None:
+            for key, want in (("depth", sum(st.depth for st in self.stages)),
+                              ("embed_dim", self.stages[-1].embed_dim), ("num_heads", self.stages[-1].num_heads)):
+                if getattr(self, key) != want:
+                    what = "the sum of the stages' depths" if key == "depth" else f"the last stage's {key}"
+                    errors.append(_error((key,), f"{getattr(self, key)} disagrees with {what}, {want} "
+                                                 "(leave it out: stages imply it)", getattr(self, key)))
         registry = _registry(info)
         try:
-            ctx = self.build_context(registry, device="meta")
-        except ValueError as exc:  # the patch embedder's grid check
+            contexts = self.stage_contexts(registry, device="meta")
+        except ValueError as exc:  # the patch embedder's grid check, or a transition's
             _raise(errors + [_error(("img_size",), str(exc), self.img_size)])
             return self
         if not errors:
-            for kind in KINDS:
-                sel: ComponentSpec = getattr(self, kind)
-                info = registry.get(kind, sel.name)
-                comp = info.cls
-                from_plugin = "" if info.provider == "vitlab" else f" (plugin '{info.provider}')"
-                try:
-                    comp.check(ctx, comp.Params.model_validate(sel.params))
-                except ValueError as exc:
-                    errors.append(_error((kind,), f"{sel.name}{from_plugin} {exc}", sel.name))
-                except Exception as exc:  # a bug in foreign code: say whose, not a traceback
-                    errors.append(_error((kind,), f"{sel.name}{from_plugin}: its check() raised {type(exc).__name__}: {exc}", sel.name))
+            errors = self._check_components(registry, contexts)
         _raise(errors)
         return self
+
+    def _check_components(self, registry: Registry, contexts: list[BuildContext]) -> list[InitErrorDetails]:
+        """Each used selection's own ``check`` in the context it is built in (once per distinct
+        selection and context), located at the recipe entry that chose it."""
+        uses: list[tuple[tuple, str, ComponentSpec, BuildContext]] = []
+        first = contexts[0]
+        for kind in ("patch_embed", "pos_embed"):
+            uses.append(((kind,), kind, self.selection(kind), first))
+        last = contexts[-1]
+        uses += [(("norm",), "norm", self.norm, last), (("pool",), "pool", self.pool, last)]
+        for plan in self.block_plans():
+            ctx = contexts[plan.stage].replace(mlp_hidden_dim=plan.mlp_hidden_dim(contexts[plan.stage].embed_dim))
+            for kind in BLOCK_KINDS:
+                uses.append((plan.source[kind], kind, plan.selections[kind], ctx))
+        for plan in self.stage_plans()[1:]:
+            uses.append((("stages", plan.index, "transition"), "transition", plan.transition,
+                         self._transition_context(contexts, plan.index)))
+        errors, seen = [], set()
+        for loc, kind, sel, ctx in uses:
+            key = (loc, kind, sel.name, repr(sorted(sel.params.items())), ctx.embed_dim, ctx.num_heads,
+                   ctx.grid_size, ctx.mlp_hidden_dim, ctx.in_dim)
+            if key in seen:
+                continue
+            seen.add(key)
+            info = registry.get(kind, sel.name)
+            comp = info.cls
+            from_plugin = "" if info.provider == "vitlab" else f" (plugin '{info.provider}')"
+            where = f" in stage {ctx.stage_index}" if self.stages is not None and len(self.stages) > 1 else ""
+            try:
+                comp.check(ctx, comp.Params.model_validate(sel.params))
+            except ValueError as exc:
+                errors.append(_error(loc, f"{sel.name}{from_plugin}{where} {exc}", sel.name))
+            except Exception as exc:  # a bug in foreign code: say whose, not a traceback
+                errors.append(_error(loc, f"{sel.name}{from_plugin}: its check() raised {type(exc).__name__}: {exc}", sel.name))
+        return errors
 
     # --- derived sizes ----------------------------------------------------------------------
 
@@ -204,20 +293,79 @@ class ViTSpec(BaseModel):
         return int(self.class_token) + self.reg_tokens
 
     def selection(self, kind: str) -> ComponentSpec:
+        """The recipe's default selection of ``kind`` (blocks may override it: ``block_plans``)."""
         return getattr(self, kind)
 
+    # --- layout: stages and per-block selections ------------------------------------------------
+
+    def stage_plans(self) -> list[StagePlan]:
+        """The stages (one stage of ``depth`` blocks without ``stages``), without grids."""
+        if self.stages is None:
+            return [StagePlan(0, 0, self.depth, self.embed_dim, self.num_heads, None)]
+        plans, start = [], 0
+        for i, st in enumerate(self.stages):
+            transition = None if i == 0 else ComponentSpec(name=st.transition.name, params=st.transition.params)
+            plans.append(StagePlan(i, start, st.depth, st.embed_dim, st.num_heads, transition))
+            start += st.depth
+        return plans
+
+    def block_plans(self) -> list[BlockPlan]:
+        """Each block's stage, selections and MLP ratio, with the ``layers`` overrides applied
+        (later entries win) and where each selection came from (for error locations)."""
+        stage_of = [p.index for p in self.stage_plans() for _ in range(p.depth)]
+        plans = [BlockPlan(i, stage_of[i], {k: self.selection(k) for k in BLOCK_KINDS}, self.mlp_ratio,
+                           {k: (k,) for k in BLOCK_KINDS}) for i in range(self.depth)]
+        for j, layer in enumerate(self.layers):
+            for i in parse_at(layer.at, self.depth):
+                plan = plans[i]
+                for kind in BLOCK_KINDS:
+                    sel = getattr(layer, kind)
+                    if sel is not None:
+                        plan.selections[kind] = ComponentSpec(name=sel.name, params=sel.params)
+                        plan.source[kind] = ("layers", j, kind)
+                if layer.mlp_ratio is not None:
+                    plan.mlp_ratio = layer.mlp_ratio
+        return plans
+
+    def stage_contexts(self, registry: Registry | None = None, **alloc: Any) -> list[BuildContext]:
+        """The build context of each stage: its width, heads and the grid it runs on (the patch
+        embedder's for the first, each transition's ``out_grid`` after). Raises ``ValueError``
+        when a grid does not fit."""
+        registry = registry if registry is not None else _registry(None)
+        first = self.build_context(registry, **alloc)
+        contexts = [first.replace(embed_dim=self.stage_plans()[0].embed_dim,
+                                  num_heads=self.stage_plans()[0].num_heads,
+                                  mlp_hidden_dim=int(self.stage_plans()[0].embed_dim * self.mlp_ratio))]
+        for plan in self.stage_plans()[1:]:
+            cls = registry.get("transition", plan.transition.name).cls
+            grid = tuple(cls.out_grid(contexts[-1].grid_size, cls.Params.model_validate(plan.transition.params)))
+            if min(grid) < 1:
+                raise ValueError(f"stage {plan.index} would have an empty {grid[0]}x{grid[1]} patch grid")
+            contexts.append(contexts[-1].replace(
+                embed_dim=plan.embed_dim, num_heads=plan.num_heads, grid_size=grid, stage_index=plan.index,
+                mlp_hidden_dim=int(plan.embed_dim * self.mlp_ratio)))
+        return contexts
+
+    def _transition_context(self, contexts: list[BuildContext], stage: int) -> BuildContext:
+        """A transition is built with the context of the stage it leads into, the previous
+        stage's width as ``in_dim`` and the grid it receives."""
+        prev = contexts[stage - 1]
+        return contexts[stage].replace(in_dim=prev.embed_dim, grid_size=prev.grid_size)
+
     def build_context(self, registry: Registry | None = None, **alloc: Any) -> BuildContext:
-        """The shared sizes components receive. Raises ``ValueError`` if the patch grid does not fit."""
+        """The sizes of the model's input side (its first stage); see ``stage_contexts`` for all.
+        Raises ``ValueError`` if the patch grid does not fit."""
         if registry is None:
             from .plugins import get_registry
 
             registry = get_registry()
         embed = registry.get("patch_embed", self.patch_embed.name).cls
         grid = embed.grid_size(self.img_hw, self.patch_hw, embed.Params.model_validate(self.patch_embed.params))
+        first = self.stages[0] if self.stages else None
         return BuildContext(
-            embed_dim=self.embed_dim,
-            num_heads=self.num_heads,
-            mlp_hidden_dim=self.mlp_hidden_dim,
+            embed_dim=first.embed_dim if first else self.embed_dim,
+            num_heads=first.num_heads if first else self.num_heads,
+            mlp_hidden_dim=int(first.embed_dim * self.mlp_ratio) if first else self.mlp_hidden_dim,
             img_size=self.img_hw,
             patch_size=self.patch_hw,
             in_chans=self.in_chans,

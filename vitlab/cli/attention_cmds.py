@@ -1,15 +1,17 @@
 """``vitlab attention``: a picture of where a recipe's model attends on an image."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
-from ..errors import VitlabError
+from ..errors import VitlabError, path_label
 from . import cli, set_option
 
 
-def _floats3(text: str | None, option: str):
+def _floats3(text: str | None, option: str, positive: bool = False):
+    """``"0.5,0.5,0.5"`` -> three finite floats (``positive``: each > 0, as a divisor must be)."""
     if text is None:
         return None
     try:
@@ -18,7 +20,16 @@ def _floats3(text: str | None, option: str):
         values = ()
     if len(values) != 3:
         raise VitlabError(f"{option}: expected three comma-separated numbers (R,G,B), got {text!r}")
+    # nan / inf, or a zero or negative std, would normalise the image into nan / inf and draw blank maps
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        need = "positive" if positive else "finite"
+        raise VitlabError(f"{option}: expected three {need} numbers (R,G,B), got {text!r}")
     return values
+
+
+# The image is resized to (image size / crop_pct) before the centre crop: a tiny crop_pct asks for
+# a resize of any size (1e-9: 3 x 32e9 x 32e9 pixels). The cap is the largest img_size a recipe may have.
+MAX_RESIZE = 2**16
 
 
 def _build(spec, weights: Path | None, seed: int):
@@ -27,15 +38,21 @@ def _build(spec, weights: Path | None, seed: int):
     from .. import checkpoint
     from ..model import build_model
 
+    from ..analysis.memory import check_fits
+    from ..analysis.pieces import predict_vit
+
+    h, w = spec.img_hw  # one image: refuse a model that cannot fit before allocating it
+    mem, _ = predict_vit(build_model(spec, device="meta"), (1, spec.in_chans, h, w))
+    check_fits(mem["infer_peak_bytes"], f"{spec.name} on one image", device="cpu")
     if weights is None:
         return build_model(spec, seed=seed), f"random init, seed {seed}"
     if not weights.is_file():
-        raise VitlabError(f"weights file not found: {weights}")
+        raise VitlabError(f"weights file not found: {path_label(weights)}")
     if checkpoint.is_vitlab_checkpoint(weights):
         saved = checkpoint.read_spec(weights)  # the header only: refuse before reading tensors
         if saved != spec:
             diff = sorted(k for k, v in saved.to_dict().items() if spec.to_dict().get(k) != v)
-            raise VitlabError(f"{weights} was saved from a different spec (differs in: {', '.join(diff)})")
+            raise VitlabError(f"{path_label(weights)} was saved from a different spec (differs in: {', '.join(diff)})")
         return checkpoint.load(weights), "vitlab checkpoint"
     from ..timm_interop import load_timm_weights
 
@@ -56,7 +73,8 @@ def _build(spec, weights: Path | None, seed: int):
 @click.option("--crop-pct", type=float, default=0.875, show_default=True, help="Resize the shorter side to size / crop_pct, then centre-crop.")
 @click.option("--mean", "mean_text", default=None, help="Normalisation mean R,G,B (default ImageNet).")
 @click.option("--std", "std_text", default=None, help="Normalisation std R,G,B (default ImageNet).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed when no --weights are given.")
+@click.option("--seed", type=click.IntRange(-(2**63), 2**64 - 1), default=0, show_default=True,
+              help="Initialisation seed when no --weights are given.")  # the range torch.manual_seed takes
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @set_option
@@ -65,43 +83,58 @@ def attention(recipe, image_path, weights, layer, head, rollout, head_fusion, di
     """Draw RECIPE's attention on IMAGE: heatmaps per head or per layer, or the rollout."""
     import torch
 
-    from ..attention_maps import attention_maps, attention_rollout, patch_heatmap
+    from ..maps import attention_rollout, patch_heatmap, record_attention, stages
     from ..attention_plot import attention_figure, save_figure
     from ..fileio import atomic_write, check_writable
     from ..images import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize, resize_center_crop
     from ..recipes import load_spec
 
     check_writable(output, force)  # fail before any work
+    mean = _floats3(mean_text, "--mean") or IMAGENET_MEAN
+    std = _floats3(std_text, "--std", positive=True) or IMAGENET_STD
     spec = load_spec(recipe, overrides=list(overrides))
+    if 0 < crop_pct <= 1 and max(spec.img_hw) / crop_pct > MAX_RESIZE:
+        raise VitlabError(f"--crop-pct {crop_pct:g} resizes the image to {max(spec.img_hw) / crop_pct:,.0f} px before "
+                          f"cropping; at most {MAX_RESIZE:,} (give a crop_pct of at least {max(spec.img_hw) / MAX_RESIZE:g})")
     model, source = _build(spec, weights, seed)
     model.eval()
     crop = resize_center_crop(load_image(image_path), spec.img_hw, crop_pct)
-    x = normalize(crop, _floats3(mean_text, "--mean") or IMAGENET_MEAN, _floats3(std_text, "--std") or IMAGENET_STD)
-    maps = attention_maps(model, x[None])  # depth x (1, heads, N, N)
-    ctx = model.ctx
+    x = normalize(crop, mean, std)
+    records = record_attention(model, x[None])  # per block: (1, heads, N, N) with its own N and grid
 
-    def heat(a: torch.Tensor) -> torch.Tensor:  # (1, N, N) or (1, h, N, N) -> (gh, gw)
-        return patch_heatmap(a, ctx.grid_size, ctx.num_prefix_tokens, spec.class_token)[0]
+    def heat(record, a: torch.Tensor) -> torch.Tensor:  # (1, N, N) or (1, h, N, N) -> (gh, gw) of that block
+        if record.grid is None:
+            raise VitlabError(f"block {record.block_index}'s tokens were merged off the patch grid: its attention "
+                              "has no place on the image (choose an earlier --layer)")
+        return patch_heatmap(a, record.grid, record.num_prefix, spec.class_token)[0]
 
-    depth, heads = len(maps), maps[0].shape[1]
+    depth = len(records)
     if rollout:
-        panels = [(heat(attention_rollout(maps, head_fusion, discard_ratio)), f"rollout ({head_fusion}, discard {discard_ratio:g})")]
+        # rollout composes maps of one token count: the last stage (run of equal N) that ends the model
+        run = stages([r.map for r in records])[-1]
+        last = records[run[-1]]
+        rolled = attention_rollout([records[i].map for i in run], head_fusion, discard_ratio)
+        span = "" if len(run) == depth else f", blocks {run[0]}-{run[-1]} (stage {last.stage_index})"
+        panels = [(heat(last, rolled), f"rollout ({head_fusion}, discard {discard_ratio:g}){span}")]
     else:
         layers = list(range(depth)) if layer == "all" else [_index(layer, depth, "--layer")]
+        heads = min(records[li].map.shape[1] for li in layers)  # stages may differ in heads
         if head == "mean":
             head_ids: list[int | None] = [None] if len(layers) > 1 else [*range(heads), None]
         else:
             head_ids = [_index(head, heads, "--head")]
         panels = []
         for li in layers:
+            r = records[li]
+            grid = "" if r.grid is None else f" ({r.grid[0]}x{r.grid[1]})"
             for hi in head_ids:
-                a = maps[li].mean(dim=1) if hi is None else maps[li][:, hi]
-                panels.append((heat(a), f"layer {li}, {'mean of heads' if hi is None else f'head {hi}'}"))
+                a = r.map.mean(dim=1) if hi is None else r.map[:, hi]
+                panels.append((heat(r, a), f"layer {li}{grid}, {'mean of heads' if hi is None else f'head {hi}'}"))
     query = "class token" if spec.class_token else "mean over tokens"
     title = f"{spec.name}: attention from the {query} ({source})"
     fig = attention_figure(crop, [p[0] for p in panels], [p[1] for p in panels], title)
     atomic_write(output, lambda tmp: save_figure(fig, tmp), force=force)
-    click.echo(f"wrote {output} ({len(panels)} heatmaps)")
+    click.echo(f"wrote {path_label(output)} ({len(panels)} heatmaps)")
 
 
 def _index(text: str, size: int, option: str) -> int:

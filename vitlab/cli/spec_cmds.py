@@ -9,6 +9,7 @@ import click
 from ..component import KINDS
 from ..errors import SpecError, VitlabError, unknown_choice
 from . import cli, set_option
+from ..analysis.memory import MAX_BATCH
 from .output import console
 
 
@@ -74,16 +75,27 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
 @click.argument("recipe")
 @set_option
 def show(recipe: str, overrides: tuple[str, ...]) -> None:
-    """Print the fully resolved RECIPE (extends and overrides applied, defaults filled) as YAML."""
+    """Print the fully resolved RECIPE (extends and overrides applied, defaults filled) as YAML,
+    then, as comments, the per-block layout when blocks or stages differ."""
+    from ..layout import describe_blocks
     from ..recipes import dump_spec
 
-    click.echo(dump_spec(_load(recipe, overrides)), nl=False)
+    spec = _load(recipe, overrides)
+    click.echo(dump_spec(spec), nl=False)
+    if spec.layers or spec.stages:
+        from ..plugins import get_registry
+
+        registry = get_registry()
+        lines = describe_blocks(spec.block_plans(), lambda kind, name: registry.get(kind, name).default_params())
+        click.echo("# layout:")
+        for line in lines:
+            click.echo(f"# {line}")
 
 
 @cli.command()
 @click.argument("recipe")
 @set_option
-@click.option("--batch-size", "-b", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", "-b", default=2, show_default=True, type=click.IntRange(min=1, max=MAX_BATCH))
 @click.option("--device", default="meta", show_default=True,
               help="Where to build: 'meta' allocates nothing (any size); 'cpu' allocates and runs a real forward.")
 def build(recipe: str, overrides: tuple[str, ...], batch_size: int, device: str) -> None:
@@ -97,15 +109,35 @@ def build(recipe: str, overrides: tuple[str, ...], batch_size: int, device: str)
         torch_device = torch.device(device)
     except RuntimeError as exc:
         raise VitlabError(f"--device: {exc}") from None
+    if torch_device.type != "meta":  # refuse what cannot fit before allocating anything
+        from ..analysis.memory import check_fits
+        from ..analysis.pieces import predict_vit
+
+        h, w = spec.img_hw
+        mem, _ = predict_vit(build_model(spec, device="meta"), (batch_size, spec.in_chans, h, w))
+        check_fits(mem["infer_peak_bytes"], f"{spec.name} at batch {batch_size}", device=str(torch_device))
     model = build_model(spec, device=torch_device).eval()
     ctx = model.ctx
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     h, w = spec.img_hw
     images = torch.zeros(batch_size, spec.in_chans, h, w, device=torch_device)
-    with torch.no_grad():
-        tokens = model.forward_features(images)
-        out = model.forward_head(tokens)
+    stage_shapes: dict[int, tuple] = {}
+
+    def keep(stage):
+        def hook(module, args):  # returns None: a pre-hook's return value would replace the inputs
+            stage_shapes.setdefault(stage, tuple(args[0].shape))
+        return hook
+
+    plans = spec.stage_plans()
+    hooks = [model.blocks[p.start].register_forward_pre_hook(keep(p.index)) for p in plans if p.depth]
+    try:
+        with torch.no_grad():
+            tokens = model.forward_features(images)
+            out = model.forward_head(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
 
     from rich.table import Table
 
@@ -120,6 +152,9 @@ def build(recipe: str, overrides: tuple[str, ...], batch_size: int, device: str)
         ("tokens", f"{ctx.num_tokens} ({ctx.num_prefix_tokens} prefix + {ctx.num_patches} patches)"),
         ("components", ", ".join(f"{k}={spec.selection(k).name}" for k in KINDS)),
         ("input", str(tuple(images.shape))),
+        *[(f"stage {p.index}", f"blocks {p.start}-{p.start + p.depth - 1}: {stage_shapes.get(p.index)} on a "
+           f"{c.grid_size[0]}x{c.grid_size[1]} grid, {p.num_heads} heads")
+          for p, c in zip(plans, spec.stage_contexts())],
         ("forward_features", str(tuple(tokens.shape))),
         ("output", str(tuple(out.shape))),
         ("device", f"{torch_device}" + (" (no memory allocated; shapes only)" if torch_device.type == "meta" else "")),

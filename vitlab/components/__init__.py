@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
-from . import attention, block, map_pool, mlp, norm, patch_embed, pool, pos_embed
+from . import (
+    attention, block, distilled, map_pool, mlp, norm, patch_embed, pool, pos_embed, rope, subln, transition, window,
+)
 
-MODULES = (patch_embed, pos_embed, attention, mlp, norm, block, pool, map_pool)
+MODULES = (patch_embed, pos_embed, rope, attention, subln, mlp, norm, block, pool, map_pool, distilled, transition, window)
 
 
 @hookimpl

@@ -6,39 +6,60 @@ qk-norm, the output projection); plugins subclass it and write only how tokens a
 from __future__ import annotations
 
 import torch
+from typing import Optional
+
 from pydantic import Field, StrictBool
 from torch import nn
 
-from ..component import Attention, QKTransform
+from ..component import Attention
 from ..context import BuildContext
 from ..layers import Linear
+from ..state import ForwardState
 
 
 class QKVAttention(Attention):
     """Base of attention variants: qkv projection (timm's ``attn.qkv``), optional qk-norm, output
-    projection (``attn.proj``). Not registered itself: it has no ``forward``."""
+    projection (``attn.proj``). Not registered itself: it has no ``forward``.
+
+    With ``kv_heads`` below ``num_heads`` (grouped-query; 1 = multi-query) the fused projection
+    yields ``num_heads`` query heads and ``kv_heads`` key and value heads: its output width is
+    ``(num_heads + 2 * kv_heads) * head_dim``, rows ordered q, k, v.
+    """
 
     class Params(Attention.Params):
         qkv_bias: StrictBool = True
         proj_bias: StrictBool = True
         qk_norm: StrictBool = False  # the recipe's norm over head_dim on queries and keys (ViT-22B)
+        kv_heads: Optional[int] = Field(
+            None, gt=0, description="key/value heads shared by groups of query heads (GQA; 1 = MQA); null = num_heads")
+
+    @classmethod
+    def check(cls, ctx: BuildContext, params: Params) -> None:
+        if params.kv_heads is not None and ctx.num_heads % params.kv_heads:
+            raise ValueError(f"needs kv_heads dividing num_heads {ctx.num_heads}, got kv_heads {params.kv_heads}")
 
     def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params)
         self.num_heads = ctx.num_heads
+        self.kv_heads = params.kv_heads or ctx.num_heads
         self.head_dim = ctx.head_dim
         self.num_prefix = ctx.num_prefix_tokens
-        self.qkv = Linear(ctx.embed_dim, 3 * ctx.embed_dim, bias=params.qkv_bias, **ctx.factory_kwargs)
+        qkv_dim = (self.num_heads + 2 * self.kv_heads) * self.head_dim
+        self.qkv = Linear(ctx.embed_dim, qkv_dim, bias=params.qkv_bias, **ctx.factory_kwargs)
         self.q_norm = ctx.make("norm", dim=ctx.head_dim) if params.qk_norm else nn.Identity()
         self.k_norm = ctx.make("norm", dim=ctx.head_dim) if params.qk_norm else nn.Identity()
         self.proj = Linear(ctx.embed_dim, ctx.embed_dim, bias=params.proj_bias, **ctx.factory_kwargs)
         self.proj_drop = nn.Dropout(ctx.proj_drop)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, N, D) -> q, k, v, each (B, heads, N, head_dim); q and k normed."""
+        """(B, N, D) -> q (B, heads, N, head_dim), k and v (B, kv_heads, N, head_dim); q and k normed."""
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
-        q, k, v = qkv.unbind(0)
+        if self.kv_heads == self.num_heads:
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
+            q, k, v = qkv.unbind(0)
+        else:
+            qkv = self.qkv(x).reshape(B, N, self.num_heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = qkv.split([self.num_heads, self.kv_heads, self.kv_heads], dim=1)  # (B, h | kv, N, hd)
         return self.q_norm(q), self.k_norm(k), v
 
     def out(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,11 +80,11 @@ class MultiHeadSelfAttention(QKVAttention):
         super().__init__(ctx, params)
         self.attn_drop = params.attn_drop
 
-    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         q, k, v = self.qkv_heads(x)
-        if qk_transform is not None:
-            q, k = qk_transform(q, k)
-        return self.out(self.attend(q, k, v, dropout_p=self.attn_drop if self.training else 0.0))
+        q, k = state.transform_qk(q, k)
+        drop = self.attn_drop if self.training else 0.0
+        return self.out(self.attend(q, k, v, dropout_p=drop, bias=state.attn_bias))
 
 
 COMPONENTS = (MultiHeadSelfAttention,)

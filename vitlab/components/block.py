@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 from pydantic import Field, StrictBool
 
-from ..component import Block, QKTransform
+from ..component import Block
+from ..state import ForwardState
 from ..context import BuildContext
 from ..layers import drop_path, layer_scale
 
@@ -39,8 +40,8 @@ class PreNormBlock(_TwoBranchBlock):
 
     name = "prenorm"
 
-    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), qk_transform)))
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), state)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -50,8 +51,8 @@ class PostNormBlock(_TwoBranchBlock):
 
     name = "postnorm"
 
-    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, qk_transform))))
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, state))))
         x = self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
         return x
 
@@ -61,8 +62,8 @@ class ResPostNormBlock(_TwoBranchBlock):
 
     name = "respostnorm"
 
-    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.norm1(self.attn(x, qk_transform))))
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.norm1(self.attn(x, state))))
         x = x + self.drop_path2(self.ls2(self.norm2(self.mlp(x))))
         return x
 
@@ -79,10 +80,10 @@ class ParallelBlock(_TwoBranchBlock):
         super().__init__(ctx, params, shared_norm=params.shared_norm)
         self.shared_norm = params.shared_norm
 
-    def forward(self, x: torch.Tensor, qk_transform: QKTransform | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         h = self.norm1(x)
         m = h if self.shared_norm else self.norm2(x)
-        return x + self.drop_path1(self.ls1(self.attn(h, qk_transform))) + self.drop_path2(self.ls2(self.mlp(m)))
+        return x + self.drop_path1(self.ls1(self.attn(h, state))) + self.drop_path2(self.ls2(self.mlp(m)))
 
 
 COMPONENTS = (PreNormBlock, PostNormBlock, ResPostNormBlock, ParallelBlock)

@@ -5,7 +5,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import StrictBool
+from typing import Annotated, Optional
+
+from pydantic import Field, StrictBool
 from torch import nn
 
 from ..component import PatchEmbed
@@ -40,14 +42,35 @@ class _PatchifyBase(PatchEmbed):
 
 
 class ConvPatchEmbed(_PatchifyBase):
-    """Conv2d patchify: a convolution with kernel and stride equal to the patch (original ViT)."""
+    """Conv2d patchify: a convolution with kernel equal to the patch, stride the patch (original
+    ViT) or less (overlapping patches, PiT)."""
 
     name = "conv"
 
-    def __init__(self, ctx: BuildContext, params: _PatchifyBase.Params):
+    class Params(_PatchifyBase.Params):
+        stride: Optional[Annotated[int, Field(gt=0)]] = Field(
+            None, description="step between patches in pixels; null = the patch size (no overlap)")
+
+    @classmethod
+    def check(cls, ctx: BuildContext, params: Params) -> None:
+        if params.stride is not None and params.pad:
+            raise ValueError("pads images to whole patches, which needs stride null (the patch size)")
+
+    @classmethod
+    def grid_size(cls, img_size, patch_size, params: Params):
+        if params.stride is None:
+            return super().grid_size(img_size, patch_size, params)
+        s = params.stride
+        (h, w), (ph, pw) = img_size, patch_size
+        if h < ph or w < pw:
+            raise ValueError(f"image size {h}x{w} is smaller than one {ph}x{pw} patch")
+        return (h - ph) // s + 1, (w - pw) // s + 1  # a valid convolution: no padding
+
+    def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params)
+        stride = ctx.patch_size if params.stride is None else (params.stride, params.stride)
         self.proj = nn.Conv2d(
-            ctx.in_chans, ctx.embed_dim, kernel_size=ctx.patch_size, stride=ctx.patch_size,
+            ctx.in_chans, ctx.embed_dim, kernel_size=ctx.patch_size, stride=stride,
             bias=params.bias, **ctx.factory_kwargs,
         )
 

@@ -10,17 +10,24 @@ from ..context import BuildContext
 
 
 class TokenPool(Pool):
-    """The class token's final state."""
+    """The class token's final state, optionally normed after pooling."""
 
     name = "token"
 
+    class Params(Pool.Params):
+        norm: StrictBool = False  # the recipe's norm on the class token only (PiT's norm; timm fc_norm)
+
     @classmethod
-    def check(cls, ctx: BuildContext, params: Pool.Params) -> None:
+    def check(cls, ctx: BuildContext, params: Params) -> None:
         if not ctx.class_token:
             raise ValueError("needs a class token (set class_token: true, or use pool: avg)")
 
+    def __init__(self, ctx: BuildContext, params: Params):
+        super().__init__(ctx, params)
+        self.norm = ctx.make("norm") if params.norm else nn.Identity()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, 0]  # (B, D)
+        return self.norm(x[:, 0])  # (B, D)
 
 
 class AvgPool(Pool):

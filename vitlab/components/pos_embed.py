@@ -9,6 +9,7 @@ from torch import nn
 
 from ..component import PosEncoding
 from ..context import BuildContext
+from ..state import ForwardState
 
 
 def resample_grid(pe: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
@@ -26,9 +27,11 @@ def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10_000.0, de
     """Fixed 2-D sine-cosine table (gh * gw, dim), as in big_vision's ``posemb_sincos_2d``:
     a quarter of the channels each for sin(x), cos(x), sin(y), cos(y)."""
     gh, gw = grid
-    y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32), indexing="ij")
+    # computed where it will live: on meta (counting a huge grid) nothing is allocated
+    where = {"dtype": torch.float32, "device": device}
+    y, x = torch.meshgrid(torch.arange(gh, **where), torch.arange(gw, **where), indexing="ij")
     quarter = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / max(quarter - 1, 1))
+    omega = 1.0 / temperature ** (torch.arange(quarter, **where) / max(quarter - 1, 1))
     x = x.flatten()[:, None] * omega[None, :]  # (N, dim/4)
     y = y.flatten()[:, None] * omega[None, :]
     pe = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)  # (N, dim)
@@ -58,8 +61,8 @@ class LearnedPosEmbed(PosEncoding):
         prefix, patches = self.weight[:, : self.num_prefix], self.weight[:, self.num_prefix :]
         return torch.cat([prefix, resample_grid(patches, self.grid, grid)], dim=1)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        pe = self.table(grid)
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        pe = self.table(state.grid)
         if self.skip:
             return torch.cat([x[:, : self.skip], x[:, self.skip :] + pe], dim=1)
         return x + pe
@@ -87,11 +90,51 @@ class SinCos2dPosEmbed(PosEncoding):
         pe = sincos_2d(ctx.grid_size, ctx.embed_dim, params.temperature, device=ctx.device, dtype=ctx.dtype)
         self.register_buffer("pe", pe[None], persistent=False)  # (1, N, D)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        grid = state.grid
         pe = self.pe if tuple(grid) == self.grid else sincos_2d(grid, x.shape[-1], self.temperature, x.device, x.dtype)[None]
         if self.skip:
             return torch.cat([x[:, : self.skip], x[:, self.skip :] + pe], dim=1)
         return x + pe
+
+
+class PositionGenerator(PosEncoding):
+    """CPVT's position encoding generator: after one block, a depthwise convolution of the patch
+    grid added to the patches (Chu et al. 2021); follows any image size."""
+
+    name = "peg"
+
+    class Params(PosEncoding.Params):
+        at_block: int = Field(0, ge=0, description="the block after which the generator runs (CPVT: 0)")
+        kernel_size: int = Field(3, gt=0, description="odd side of the depthwise convolution")
+
+    @classmethod
+    def check(cls, ctx: BuildContext, params: Params) -> None:
+        if params.at_block >= ctx.depth:
+            raise ValueError(f"runs after block {params.at_block}, which does not exist (depth {ctx.depth})")
+        if params.kernel_size % 2 == 0:
+            raise ValueError(f"needs an odd kernel_size (the grid keeps its size), got {params.kernel_size}")
+
+    def __init__(self, ctx: BuildContext, params: Params):
+        super().__init__(ctx, params)
+        self.at_block = params.at_block
+        dim = ctx.embed_dim  # a staged model's generator runs in the first stage's width
+        k = params.kernel_size
+        self.proj = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim, **ctx.factory_kwargs)
+
+    def acts_after(self, block_index: int) -> bool:
+        return block_index == self.at_block
+
+    def after_block(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        if state.block_index != self.at_block:
+            return x
+        if state.grid is None:
+            raise ValueError("the position generator needs tokens on a patch grid")
+        P, (gh, gw) = state.num_prefix, state.grid
+        B, _, D = x.shape
+        grid = x[:, P:].transpose(1, 2).reshape(B, D, gh, gw)  # (B, D, gh, gw)
+        patches = (self.proj(grid) + grid).flatten(2).transpose(1, 2)  # (B, N, D)
+        return torch.cat([x[:, :P], patches], dim=1)
 
 
 class NoPosEmbed(PosEncoding):
@@ -100,4 +143,4 @@ class NoPosEmbed(PosEncoding):
     name = "none"
 
 
-COMPONENTS = (LearnedPosEmbed, SinCos2dPosEmbed, NoPosEmbed)
+COMPONENTS = (LearnedPosEmbed, SinCos2dPosEmbed, PositionGenerator, NoPosEmbed)

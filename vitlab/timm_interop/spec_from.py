@@ -111,9 +111,9 @@ class _Reader:
             raise self.unsupported(f"{type(mod).__name__} instead of nn.Linear at {where}")
         return mod
 
-    def mlp_ratio(self, hidden: int, where: str) -> float:
+    def mlp_ratio(self, hidden: int, where: str, dim: int | None = None) -> float:
         """A ratio r with ``int(D * r) == hidden`` (vitlab derives the hidden width from it)."""
-        D = self.m.embed_dim
+        D = dim or self.m.embed_dim
         r = hidden / D
         for _ in range(4):
             if int(D * r) == hidden:
@@ -123,16 +123,17 @@ class _Reader:
 
     # --- parts --------------------------------------------------------------------------------
 
-    def attention(self, a: nn.Module, where: str) -> dict:
+    def attention(self, a: nn.Module, where: str, dim: int | None = None) -> dict:
         from timm.layers import Attention
 
         if type(a) is not Attention:
             raise self.unsupported(f"attention layer {type(a).__name__} at {where}")
-        D = self.m.embed_dim
+        D = dim or self.m.embed_dim
         if a.attn_dim != D or a.num_heads * a.head_dim != D:
             raise self.unsupported(f"attention width {a.attn_dim} != embed_dim {D} (attn_head_dim) at {where}")
-        if not self.is_id(getattr(a, "norm", None)):
-            raise self.unsupported(f"norm before the attention output projection (scale_attn_norm) at {where}")
+        subln = not self.is_id(getattr(a, "norm", None))  # scale_attn_norm: BEiT-3's sub-LN
+        if subln:
+            self.norm(a.norm, f"{where}.norm")
         if getattr(a, "gate", None) is not None:
             raise self.unsupported(f"gated attention output at {where}")
         qkv, proj = self.linear(a.qkv, f"{where}.qkv"), self.linear(a.proj, f"{where}.proj")
@@ -146,9 +147,10 @@ class _Reader:
             self.norm(a.k_norm, f"{where}.k_norm")
         params = {"qkv_bias": qkv.bias is not None, "proj_bias": proj.bias is not None, "qk_norm": qk_norm,
                   "attn_drop": _fmt_float(a.attn_drop.p)}
-        return {"heads": a.num_heads, "params": params, "proj_drop": a.proj_drop.p}
+        return {"heads": a.num_heads, "params": params, "proj_drop": a.proj_drop.p,
+                "name": "mhsa_subln" if subln else "mhsa"}
 
-    def mlp(self, mlp: nn.Module, where: str) -> dict:
+    def mlp(self, mlp: nn.Module, where: str, dim: int | None = None) -> dict:
         from timm.layers import GluMlp, Mlp, SwiGLU
 
         t = type(mlp)
@@ -179,7 +181,7 @@ class _Reader:
             raise self.unsupported(f"MLP layer {t.__name__} at {where}")
         if len(biases) != 1:
             raise self.unsupported(f"MLP with bias on only one of its projections at {where}")
-        if fc2.out_features != self.m.embed_dim or fc2.in_features != hidden:
+        if fc2.out_features != (dim or self.m.embed_dim) or fc2.in_features != hidden:
             raise self.unsupported(f"MLP output width {fc2.out_features} at {where}")
         has_norm = not self.is_id(mlp.norm)
         if has_norm:
@@ -199,15 +201,16 @@ class _Reader:
             init = 1e-5  # only the initial value of a trained scale; any positive value builds the same layer
         return _fmt_float(init)
 
-    def block(self, b: nn.Module, i: int) -> dict:
+    def block(self, b: nn.Module, i: int, dim: int | None = None, where: str | None = None) -> dict:
+        """Block ``i`` of width ``dim`` (default: the model's embed_dim), named ``where`` in messages."""
         from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock
 
-        where = f"blocks.{i}"
+        where = where or f"blocks.{i}"
         t = type(b)
-        D = self.m.embed_dim
+        D = dim or self.m.embed_dim
         if t in (Block, ResPostBlock):
-            attn = self.attention(b.attn, f"{where}.attn")
-            mlp = self.mlp(b.mlp, f"{where}.mlp")
+            attn = self.attention(b.attn, f"{where}.attn", D)
+            mlp = self.mlp(b.mlp, f"{where}.mlp", D)
             self.norm(b.norm1, f"{where}.norm1")
             self.norm(b.norm2, f"{where}.norm2")
             if t is Block:
@@ -273,10 +276,10 @@ class _Reader:
             raise self.unsupported(f"patch projection width {conv.out_channels}")
         h, w = pe.img_size
         pad = bool(getattr(pe, "dynamic_img_pad", False))
-        if (h % ps[0] or w % ps[1]) and not pad:
-            raise self.unsupported(f"image size {h}x{w} not divisible by patch size {ps[0]}x{ps[1]} (timm crops)")
-        if pad and (h % ps[0] or w % ps[1]):
-            raise self.unsupported(f"image size {h}x{w} not divisible by patch size with dynamic_img_pad")
+        crops = bool(h % ps[0] or w % ps[1])
+        if crops and (pad or ps[0] != ps[1] or getattr(self.m, "dynamic_img_size", False)):
+            raise self.unsupported(f"image size {h}x{w} not divisible by patch size {ps[0]}x{ps[1]} "
+                                   "(timm crops) with non-square patches, dynamic_img_pad or dynamic_img_size")
         has_norm = not self.is_id(pe.norm)
         if has_norm:
             self.norm(pe.norm, "patch_embed.norm")
@@ -284,15 +287,21 @@ class _Reader:
             "img_size": [int(h), int(w)] if h != w else int(h),
             "patch_size": [int(ps[0]), int(ps[1])] if ps[0] != ps[1] else int(ps[0]),
             "in_chans": conv.in_channels,
-            "patch_embed": {"name": "conv", "params": {"bias": conv.bias is not None, "norm": has_norm, "pad": pad}},
+            # timm's conv leaves out the pixels past the last whole patch: an explicit stride crops the same
+            "patch_embed": {"name": "conv", "params": {"bias": conv.bias is not None, "norm": has_norm, "pad": pad,
+                                                       **({"stride": int(ps[0])} if crops else {})}},
         }
+
+    def pool_include_prefix(self) -> bool:
+        """Whether the pool sees the prefix tokens too."""
+        return bool(getattr(self.m, "pool_include_prefix", False))
 
     def pool(self, heads: int, hidden: int) -> tuple[dict, bool]:
         """The pool selection and whether timm's fc_norm becomes vitlab's final norm."""
         m = self.m
         gp = m.global_pool
         fc_norm = not self.is_id(m.fc_norm)
-        include_prefix = bool(getattr(m, "pool_include_prefix", False))
+        include_prefix = self.pool_include_prefix()
         if gp == "map":
             from timm.layers import AttentionPoolLatent, Mlp
 
@@ -346,6 +355,22 @@ class _Reader:
             return {"name": "token" if gp == "token" else "none"}, fc_norm
         raise self.unsupported(f"global_pool '{gp}'")
 
+    def norm_selection(self) -> dict:
+        """The one norm every norm layer read so far is (vitlab uses one norm everywhere)."""
+        kinds = set(self.norms.values())
+        if len(kinds) != 1:
+            where: dict[tuple, list[str]] = {}
+            for w, cfg in self.norms.items():
+                where.setdefault(cfg, []).append(w)
+            listing = "; ".join(
+                f"{n}({', '.join(f'{k}={v}' for k, v in p)}) at {', '.join(ws[:3])}"
+                + (f" and {len(ws) - 3} more" if len(ws) > 3 else "")
+                for (n, p), ws in where.items()
+            )
+            raise self.unsupported(f"mix of norm layers (vitlab uses one norm everywhere): {listing}")
+        norm_name, norm_params = kinds.pop()
+        return {"name": norm_name, "params": dict(norm_params)}
+
     # --- the whole model ----------------------------------------------------------------------
 
     def spec(self) -> ViTSpec:
@@ -353,10 +378,12 @@ class _Reader:
 
         m = self.m
         if not isinstance(m, VisionTransformer):
-            raise SpecError(f"cannot convert {self.label}: {type(m).__name__} is not a timm VisionTransformer")
-        if type(m) is not VisionTransformer:
-            if type(m).__name__ == "VisionTransformerDistilled":
-                raise self.unsupported("distillation token (VisionTransformerDistilled)")
+            raise SpecError(f"cannot convert {self.label}: {type(m).__name__} is not a timm VisionTransformer "
+                            "(or PoolingVisionTransformer)")
+        from timm.models.deit import VisionTransformerDistilled
+
+        distilled = type(m) is VisionTransformerDistilled
+        if type(m) is not VisionTransformer and not distilled:
             raise self.unsupported(f"VisionTransformer subclass {type(m).__name__}")
         D = m.embed_dim
         data: dict[str, Any] = {"name": self.name, **self.patch_embed()}
@@ -382,8 +409,14 @@ class _Reader:
 
         data["class_token"] = m.cls_token is not None
         data["reg_tokens"] = int(getattr(m, "num_reg_tokens", 0) or 0)
+        if distilled:  # the distillation token is the first register token (``bridge.DEIT_DISTILLED``)
+            if data["reg_tokens"] or m.no_embed_class:
+                raise self.unsupported("distillation token with register tokens or no_embed_class")
+            if m.distilled_training:
+                raise self.unsupported("distilled training mode (separate class and distillation logits)")
+            data["reg_tokens"] = 1
         prefix = int(data["class_token"]) + data["reg_tokens"]
-        if data["class_token"] != bool(m.has_class_token) or m.num_prefix_tokens != prefix:
+        if data["class_token"] != bool(m.has_class_token or distilled) or m.num_prefix_tokens != prefix:
             raise self.unsupported("prefix tokens other than one class token and register tokens")
         grid = m.patch_embed.grid_size
         if m.pos_embed is None:
@@ -395,6 +428,26 @@ class _Reader:
                 raise self.unsupported(f"position embedding of shape {tuple(m.pos_embed.shape)}")
             data["pos_embed"] = {"name": "learned", "params": {"include_prefix": include_prefix}}
 
+        pool, final, fc_as_final = self.norms_and_pool(data, heads, hidden)
+        if distilled:
+            if pool["name"] != "token" or fc_as_final:
+                raise self.unsupported("distilled head after another pooling or fc_norm")
+            pool = {"name": "distilled", "params": {"norm": False}}
+            dist_head = m.head_dist
+            if self.is_id(dist_head) != self.is_id(m.head) or (
+                    not self.is_id(dist_head) and (self.linear(dist_head, "head_dist").bias is None
+                                                   or dist_head.weight.shape != m.head.weight.shape)):
+                raise self.unsupported("distillation head head_dist unlike the class head")
+        data["final_norm"] = final or fc_as_final
+        data["pool"] = pool
+        data["dynamic_img_size"] = bool(m.dynamic_img_size)
+
+        return self.finish(data, blocks)
+
+    def norms_and_pool(self, data: dict[str, Any], heads: int, hidden: int) -> tuple[dict, bool, bool]:
+        """``norm_pre`` and the final norm into ``data`` (read as the recipe's norm), and the pool:
+        ``(pool selection, final norm present, fc_norm read as the final norm)``."""
+        m = self.m
         data["pre_norm"] = not self.is_id(m.norm_pre)
         if data["pre_norm"]:
             self.norm(m.norm_pre, "norm_pre")
@@ -402,28 +455,16 @@ class _Reader:
         if final:
             self.norm(m.norm, "norm")
         pool, fc_as_final = self.pool(heads, hidden)
-        data["final_norm"] = final or fc_as_final
-        data["pool"] = pool
-        data["dynamic_img_size"] = bool(m.dynamic_img_size)
+        return pool, final, fc_as_final
 
-        data["attention"] = {"name": "mhsa", "params": first["attn"]["params"]}
+    def finish(self, data: dict[str, Any], blocks: list[dict]) -> ViTSpec:
+        """The block selections (all blocks read alike), the one norm, the rates, validated."""
+        first, m = blocks[0], self.m
+        data["attention"] = {"name": first["attn"].get("name", "mhsa"),
+                             "params": {**first["attn"]["params"], **data.pop("attention_extra", {})}}
         data["mlp"] = {"name": first["mlp"]["name"], "params": first["mlp"]["params"]}
         data["block"] = first["block"]
-
-        kinds = set(self.norms.values())
-        if len(kinds) != 1:
-            where: dict[tuple, list[str]] = {}
-            for w, cfg in self.norms.items():
-                where.setdefault(cfg, []).append(w)
-            listing = "; ".join(
-                f"{n}({', '.join(f'{k}={v}' for k, v in p)}) at {', '.join(ws[:3])}"
-                + (f" and {len(ws) - 3} more" if len(ws) > 3 else "")
-                for (n, p), ws in where.items()
-            )
-            raise self.unsupported(f"mix of norm layers (vitlab uses one norm everywhere): {listing}")
-        norm_name, norm_params = kinds.pop()
-        data["norm"] = {"name": norm_name, "params": dict(norm_params)}
-
+        data["norm"] = self.norm_selection()
         data["drop_rate"] = _fmt_float(m.head_drop.p)
         data["pos_drop_rate"] = _fmt_float(m.pos_drop.p)
         data["proj_drop_rate"] = _fmt_float(first["attn"]["proj_drop"])
@@ -435,16 +476,18 @@ class _Reader:
 
 
 def spec_from_timm(model_or_name: nn.Module | str, **create_kwargs: Any) -> ViTSpec:
-    """The ``ViTSpec`` of a timm ``VisionTransformer``.
+    """The ``ViTSpec`` of a timm ``VisionTransformer``, or of a ``PoolingVisionTransformer`` (PiT:
+    a spec with ``stages``; see ``vitlab.timm_interop.pit``).
 
     Args:
-        model_or_name: a timm ``VisionTransformer`` instance, or a timm model name (created with
-            ``pretrained=False`` on the meta device: no weights are downloaded or allocated).
+        model_or_name: a timm ``VisionTransformer`` / ``PoolingVisionTransformer`` instance, or a
+            timm model name (created with ``pretrained=False`` on the meta device: no weights are
+            downloaded or allocated).
         create_kwargs: extra ``timm.create_model`` arguments when a name is given (``depth=2``).
 
     Raises:
-        SpecError: the model is not a timm ``VisionTransformer``, or uses a feature vitlab cannot
-            express (the message names it).
+        SpecError: the model is neither of those, or uses a feature vitlab cannot express (the
+            message names it).
     """
     if isinstance(model_or_name, str):
         model = create_timm_model(model_or_name, **create_kwargs)
@@ -458,4 +501,16 @@ def spec_from_timm(model_or_name: nn.Module | str, **create_kwargs: Any) -> ViTS
         name = cfg.get("architecture")
         label = f"timm model '{name}'" if name else f"timm {type(model).__name__}"
         name = name or f"timm_{type(model).__name__.lower()}"
+    from timm.models.pit import PoolingVisionTransformer
+
+    if isinstance(model, PoolingVisionTransformer):
+        from .pit import PitReader
+
+        return PitReader(model, name, label).spec()
+    from timm.models.eva import Eva
+
+    if isinstance(model, Eva):
+        from .eva import EvaReader
+
+        return EvaReader(model, name, label).spec()
     return _Reader(model, name, label).spec()

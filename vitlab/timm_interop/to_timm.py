@@ -1,5 +1,6 @@
-"""vitlab -> timm: the ``timm.create_model`` arguments of the equivalent ``VisionTransformer`` and
-the state dict in timm's names, so a model built here can be handed to timm."""
+"""vitlab -> timm: the ``timm.create_model`` arguments of the equivalent ``VisionTransformer`` (or,
+for a spec with ``stages``, ``PoolingVisionTransformer``) and the state dict in timm's names, so a
+model built here can be handed to timm."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,13 @@ from ..spec import ViTSpec
 
 def _no_equivalent(spec: ViTSpec, why: str) -> SpecError:
     return SpecError([Problem("", f"spec '{spec.name}' has no timm VisionTransformer equivalent: {why}")])
+
+
+def check_uniform_blocks(spec: ViTSpec, fail) -> None:
+    """timm configures every block alike: refuse ``layers`` overrides that change a block."""
+    for plan in spec.block_plans():
+        if plan.selections != {k: spec.selection(k) for k in plan.selections} or plan.mlp_ratio != spec.mlp_ratio:
+            raise fail(f"per-block overrides (block {plan.index}; timm configures every block alike)")
 
 
 def _norm_layer(spec: ViTSpec):
@@ -32,8 +40,9 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
     """Keyword arguments of the timm ``VisionTransformer`` equivalent to ``spec``.
 
     Every architectural argument is given, so both ``timm.models.vision_transformer.VisionTransformer(**kw)``
-    and ``timm.create_model(<any vit_* name>, pretrained=False, **kw)`` build the same model. Load
-    its weights with ``to_timm_state_dict``.
+    and ``timm.create_model(<any vit_* name>, pretrained=False, **kw)`` build the same model. A
+    spec with ``stages`` gives the arguments of ``timm.models.pit.PoolingVisionTransformer`` (any
+    ``pit_*`` name). Load its weights with ``to_timm_state_dict``.
 
     Raises:
         SpecError: the spec uses something timm's ``VisionTransformer`` cannot express (named).
@@ -42,6 +51,10 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
         from ..recipes import load_spec
 
         spec = load_spec(spec)
+    if spec.stages is not None:
+        from .pit import pit_kwargs
+
+        return pit_kwargs(spec)
     from timm.layers import Mlp, SwiGLU
     from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock
 
@@ -49,9 +62,13 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
     attn, mlp, block, pool = spec.attention, spec.mlp, spec.block, spec.pool
     pe, pos, norm = spec.patch_embed, spec.pos_embed, spec.norm
 
-    if attn.name != "mhsa":
+    if attn.name not in ("mhsa", "mhsa_subln"):
         raise fail(f"attention '{attn.name}'")
     ap = attn.params
+    if ap.get("kv_heads") not in (None, spec.num_heads):
+        raise fail(f"grouped-query attention (kv_heads={ap['kv_heads']}; timm's Attention has a key and value head "
+                   "per query head)")
+    check_uniform_blocks(spec, fail)
     if mlp.name == "mlp":
         mlp_layer, act = Mlp, mlp.params["act"]
     elif mlp.name == "swiglu":
@@ -83,6 +100,8 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
 
     if pe.name not in ("conv", "linear"):
         raise fail(f"patch embedding '{pe.name}'")
+    if pe.params.get("stride") not in (None, *spec.patch_hw) or spec.patch_hw[0] != spec.patch_hw[1] and pe.params.get("stride"):
+        raise fail(f"patch stride {pe.params['stride']} other than the patch size")
     if pe.params.get("bias", True) and spec.pre_norm:
         raise fail("patch-embedding bias together with pre_norm (timm drops that bias when pre_norm is set)")
 
@@ -102,6 +121,10 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
     final_norm = spec.final_norm
     if pool.name == "token":
         global_pool = "token"
+        if pool.params.get("norm"):  # timm's fc_norm follows its pooling
+            if spec.final_norm:
+                raise fail("both a final norm and a norm after token pooling (timm has one or the other)")
+            fc_norm, final_norm = True, True
     elif pool.name == "none":
         global_pool = ""
     elif pool.name == "avg":
@@ -110,6 +133,13 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
             if spec.final_norm:
                 raise fail("both a final norm and a norm after average pooling (timm has one or the other)")
             fc_norm, final_norm = True, True
+    elif pool.name == "distilled":  # timm's VisionTransformerDistilled (``timm_class``)
+        if not spec.class_token or spec.reg_tokens != 1 or pool.params.get("norm"):
+            raise fail("distilled pool other than class token + one distillation token without a pool norm "
+                       "(timm's VisionTransformerDistilled)")
+        if not pos.params.get("include_prefix", True) or pos.name != "learned":
+            raise fail("distillation token without its position row (VisionTransformerDistilled embeds both tokens)")
+        global_pool = "token"
     elif pool.name == "map":
         global_pool = "map"
         mp = pool.params
@@ -137,12 +167,12 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
         mlp_ratio=spec.mlp_ratio,
         qkv_bias=ap["qkv_bias"],
         qk_norm=ap["qk_norm"],
-        scale_attn_norm=False,
+        scale_attn_norm=attn.name == "mhsa_subln",
         scale_mlp_norm=bool(mlp.params.get("norm", False)),
         proj_bias=ap["proj_bias"],
         init_values=init_values if block.name != "respostnorm" else None,
         class_token=spec.class_token,
-        reg_tokens=spec.reg_tokens,
+        reg_tokens=0 if pool.name == "distilled" else spec.reg_tokens,
         pre_norm=spec.pre_norm,
         final_norm=final_norm,
         fc_norm=fc_norm,
@@ -164,6 +194,27 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
     return kw
 
 
+def timm_class(spec: ViTSpec | Any) -> type:
+    """The timm class ``timm_kwargs(spec)`` are for: ``VisionTransformer``, DeiT's
+    ``VisionTransformerDistilled`` (pool ``distilled``) or PiT's ``PoolingVisionTransformer``
+    (a spec with ``stages``)."""
+    if not isinstance(spec, ViTSpec):
+        from ..recipes import load_spec
+
+        spec = load_spec(spec)
+    if spec.stages is not None:
+        from timm.models.pit import PoolingVisionTransformer
+
+        return PoolingVisionTransformer
+    if spec.pool.name == "distilled":
+        from timm.models.deit import VisionTransformerDistilled
+
+        return VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer
+
+
 def to_timm_state_dict(model) -> dict[str, torch.Tensor]:
     """The weights of a vitlab model in timm's names, for ``timm_kwargs(model.spec)``'s model.
 
@@ -171,6 +222,10 @@ def to_timm_state_dict(model) -> dict[str, torch.Tensor]:
         SpecError: the spec has no timm equivalent.
         WeightsError: a weight timm's model has no place for is non-zero.
     """
+    if model.spec.stages is not None:
+        from .pit import pit_state_dict
+
+        return pit_state_dict(model)
     kw = timm_kwargs(model.spec)
     spec = model.spec
     D = spec.embed_dim
@@ -258,9 +313,12 @@ def to_timm_state_dict(model) -> dict[str, torch.Tensor]:
     src = "pool." if spec.pool.name == "map" else "pool.norm."
     for k in [k for k in sd if k.startswith(src)]:
         out[prefix + k[len(src):]] = take(k)
-    for k in ("head.weight", "head.bias"):
-        if k in sd:
-            out[k] = take(k)
+    for k in [k for k in sd if k.startswith("head.")]:
+        out[k] = take(k)
     if sd:  # pragma: no cover - a component with weights this converter does not know
         raise WeightsError(f"no timm name for: {', '.join(sorted(sd))}")
+    if spec.pool.name == "distilled":  # the bridge's table read backwards: dist_token, head_dist
+        from .bridge import DEIT_DISTILLED
+
+        out = DEIT_DISTILLED.restore(out)
     return out

@@ -116,6 +116,7 @@ class _Plan:
         self.positions()
         self.blocks()
         self.patch_embed()
+        self.pit()
         self.renamed()
         for tkey, why in self.fallback_zeros:
             if tkey not in self._status:
@@ -139,12 +140,19 @@ class _Plan:
         if "pos_embed" not in src:
             return
         pe_mod = model.pos_embed
-        if not isinstance(pe_mod, LearnedPosEmbed):
+        if not isinstance(pe_mod, LearnedPosEmbed) or getattr(pe_mod, "weight", None) is None:
             self.report.notes.append(f"pos_embed: not loaded, the model's position encoding is "
                                      f"'{model.spec.pos_embed.name}' (no learned table)")
             return
         self.used.add("pos_embed")
         shape = src.shape("pos_embed")
+        read, layout, notes = (lambda: src.get("pos_embed")), src.pos_layout, []
+        if len(shape) == 4 and shape[0] == 1:  # PiT's table: an image over the patches only
+            from .pit import pos_table
+
+            read, layout = (lambda: pos_table(src.get("pos_embed"))), (0, tuple(shape[2:]))
+            shape = (1, shape[2] * shape[3], shape[1])
+            notes.append("the (1, D, gh, gw) image reshaped to rows")
         tkey = "pos_embed.weight"
         want = tuple(self.target[tkey].shape)
         if len(shape) != 3 or shape[0] != 1 or shape[2] != want[2]:
@@ -156,7 +164,7 @@ class _Plan:
         t_cls, t_reg = model.cls_token is not None, model.spec.reg_tokens
         grid = tuple(model.grid_size)
         L, D = shape[1], shape[2]
-        layout = src.pos_layout or self._infer_layout(L, int(s_cls) + s_reg, grid)
+        layout = layout or self._infer_layout(L, int(s_cls) + s_reg, grid)
         if layout is None:
             self.report.mismatched.append((tkey, shape, want))
             self._status[tkey] = "mismatched"
@@ -164,7 +172,7 @@ class _Plan:
             return
         s_rows, s_grid = layout
         t_rows = pe_mod.num_prefix
-        notes = []
+        reshaped = bool(notes)
         if tuple(s_grid) != grid:
             notes.append(f"patch grid {s_grid[0]}x{s_grid[1]} -> {grid[0]}x{grid[1]} (bicubic, as timm)")
         same_prefix = s_rows == t_rows and (not t_rows or (s_cls == t_cls and s_reg == t_reg))
@@ -179,7 +187,7 @@ class _Plan:
             notes.append("checkpoint prefix rows without a matching model token dropped")
 
         def table() -> torch.Tensor:
-            pe = src.get("pos_embed")
+            pe = read()
             patches = resample_grid(pe[:, s_rows:], tuple(s_grid), grid)
             rows = []
             if t_rows:
@@ -190,16 +198,16 @@ class _Plan:
                     rows.append(pe[:, start:start + t_reg] if s_rows and s_reg == t_reg else pe.new_zeros(1, t_reg, D))
             return torch.cat(rows + [patches], dim=1) if rows else patches
 
-        status = "resampled" if tuple(s_grid) != grid else ("loaded" if same_prefix else "converted")
+        status = "resampled" if tuple(s_grid) != grid else ("loaded" if same_prefix and not reshaped else "converted")
         self.put(tkey, table, (1, t_rows + grid[0] * grid[1], D), status, note="; ".join(notes) or None)
 
         if s_rows and not t_rows:  # fold each token's own position row into the token
             if t_cls and s_cls and "cls_token" in src:
-                self.put("cls_token", lambda: src.get("cls_token") + src.get("pos_embed")[:, :1],
+                self.put("cls_token", lambda: src.get("cls_token") + read()[:, :1],
                          src.shape("cls_token"), "converted", "cls_token", note="plus its position row")
             if t_reg and s_reg == t_reg and "reg_token" in src:
                 start = int(s_cls)
-                self.put("reg_token", lambda: src.get("reg_token") + src.get("pos_embed")[:, start:start + s_reg],
+                self.put("reg_token", lambda: src.get("reg_token") + read()[:, start:start + s_reg],
                          src.shape("reg_token"), "converted", "reg_token", note="plus their position rows")
 
     @staticmethod
@@ -298,6 +306,40 @@ class _Plan:
             self.put(tkey, lambda: src.get(skey).reshape(want), shape[:1] + (want[1],), "converted", skey,
                      note="conv kernel flattened for the linear patch embedder")
 
+    def pit(self) -> None:
+        """A timm PiT checkpoint: its names (``pit.PIT_NAMES``) and the class-token pair it keeps
+        in one tensor (``pit.PIT_FUSED``)."""
+        from .pit import NAMES, PIT_FUSED, is_pit_checkpoint
+
+        src, tgt = self.src, self.target
+        if not is_pit_checkpoint(src.keys()):
+            return
+        for skey, parts in PIT_FUSED:
+            present = [k for k in parts if k in tgt]
+            if skey not in src or not present:
+                continue
+            if len(present) == 1:
+                self.direct(present[0], skey)
+                continue
+            shape, sizes = src.shape(skey), [tgt[k].shape[1] for k in present]
+            if len(shape) != 3 or shape[1] != sum(sizes):
+                for k in present:
+                    self.report.mismatched.append((k, shape, tuple(tgt[k].shape)))
+                    self._status[k] = "mismatched"
+                self.used.add(skey)
+                continue
+            start = 0
+            for k, n in zip(present, sizes):
+                part = lambda a=start, b=start + n, skey=skey: src.get(skey)[:, a:b]  # noqa: E731
+                self.put(k, part, (shape[0], n, shape[2]), "converted", skey,
+                         note=f"tokens {start}:{start + n} of the checkpoint's {skey}")
+                start += n
+        depths = [plan.depth for plan in self.model.spec.stage_plans()]
+        for skey in src.keys():
+            tkey = None if skey in self.used else NAMES.to_vitlab(skey, depths, has=tgt.__contains__)
+            if tkey in tgt and tkey not in self._status:
+                self.direct(tkey, skey)
+
     def renamed(self) -> None:
         """Every other checkpoint tensor under its (renamed) model key."""
         tgt, src = self.target, self.src
@@ -327,6 +369,11 @@ class _Plan:
 
 
 def plan_load(model, src: Source) -> tuple[_Plan, LoadReport]:
+    from .bridge import family_of
+
+    family = family_of(src.keys())
+    if family is not None:  # another timm family's names: seen in ViT names (``bridge``)
+        src = family.adapt(src)
     plan = _Plan(model, src)
     return plan, plan.build()
 

@@ -6,8 +6,8 @@ so that ``q_i · k_j`` depends on the *relative* offset of patches ``i`` and ``j
 rotation pairs turn with the column index (x), the other half with the row index (y).
 
 The encoding adds nothing to the tokens; it acts inside attention through
-``PosEncoding.qk_transform(grid)``, a function the model hands to every block and every attention
-component applies to ``q`` and ``k`` (after its qk-norm, if any) without knowing what it is.
+``PosEncoding.qk_transform(grid)``, a function the model puts in the forward state for the current
+grid (recomputed when the grid changes) and every attention component applies to ``q`` and ``k`` (after its qk-norm, if any) without knowing what it is.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 import vitlab
-from vitlab.component import QKTransform
+from vitlab.state import QKTransform
 
 __version__ = "0.1.0"
 
@@ -90,7 +90,7 @@ class Rope2d(vitlab.PosEncoding):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: vitlab.ForwardState) -> torch.Tensor:
         return x  # nothing is added to the tokens; see qk_transform
 
     def qk_transform(self, grid: tuple[int, int]) -> QKTransform:

@@ -1,12 +1,16 @@
 """Where the model attends: per-block attention maps, attention rollout, patch-grid heatmaps.
 
 Maps come from the model's own attention components (``Attention.record_maps``), so they reflect
-whatever the recipe chose (qk-norm, RoPE from a plugin, ...). Recording is on only inside
+whatever the recipe chose (qk-norm, RoPE from a plugin, windows, ...). Recording is on only inside
 ``attention_maps``; the default forward stays on the fused kernel.
+
+Each block's map has that block's own token count N: in a staged model (PiT) or after token
+merging, N changes along the depth. ``record_attention`` also gives the grid each map lies on.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import torch
@@ -42,16 +46,71 @@ def recording(model: nn.Module) -> Iterator[list[Attention]]:
             m.record_maps, m.attn_map = False, None
 
 
+@dataclass(frozen=True)
+class AttentionRecord:
+    """One attention layer's map and where its tokens lie.
+
+    Attributes:
+        map: (B, heads, N, N) probabilities, N counting prefix tokens.
+        grid: the patch grid of the patch tokens, ``None`` when they left the grid (merged).
+        num_prefix: class and register tokens leading the N.
+        block_index: the block that ran it.
+        stage_index: the stage of that block.
+    """
+
+    map: torch.Tensor
+    grid: tuple[int, int] | None
+    num_prefix: int
+    block_index: int | None
+    stage_index: int
+
+
 @torch.no_grad()
-def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """Attention probabilities of every block, each (B, heads, N, N), N counting class and
-    register tokens. Rows sum to 1."""
+def record_attention(model: nn.Module, images: torch.Tensor) -> list[AttentionRecord]:
+    """Every attention layer's map with the grid and prefix it was computed on, in forward order."""
+    from .state import ForwardState
+
+    states: dict[int, ForwardState] = {}
+
+    def keep_state(module, args):
+        if len(args) > 1 and isinstance(args[1], ForwardState):
+            states[id(module)] = args[1]
+
     with recording(model) as modules:
-        model(images)
+        hooks = [m.register_forward_pre_hook(keep_state) for m in modules]
+        try:
+            model(images)
+        finally:
+            for h in hooks:
+                h.remove()
         maps = [m.attn_map for m in modules]
     if any(a is None for a in maps):
         raise VitlabError("an attention component did not record its map during the forward pass")
-    return maps
+    records = []
+    for m, amap in zip(modules, maps):
+        st = states.get(id(m))
+        if st is None:  # called without a forward state (a pooling head's attention)
+            records.append(AttentionRecord(amap, None, 0, None, 0))
+        else:
+            records.append(AttentionRecord(amap, st.grid, st.num_prefix, st.block_index, st.stage_index))
+    return records
+
+
+def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Attention probabilities of every block, each (B, heads, N, N) with that block's own N
+    (class and register tokens counted). Rows sum to 1."""
+    return [r.map for r in record_attention(model, images)]
+
+
+def stages(maps: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``maps`` in runs of equal token count N: the spans rollout can compose."""
+    runs: list[list[int]] = []
+    for i, m in enumerate(maps):
+        if runs and maps[runs[-1][-1]].shape[-1] == m.shape[-1]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def fuse_heads(attn: torch.Tensor, head_fusion: Literal["mean", "max", "min"] = "mean") -> torch.Tensor:
@@ -81,6 +140,11 @@ def attention_rollout(
     """
     if not maps:
         raise VitlabError("attention_rollout needs at least one attention map")
+    sizes = sorted({m.shape[-1] for m in maps})
+    if len(sizes) > 1:
+        runs = ", ".join(f"maps {r[0]}-{r[-1]}: N={maps[r[0]].shape[-1]}" for r in stages(maps))
+        raise VitlabError(f"attention rollout composes maps of one token count, got N = {sizes} ({runs}); "
+                          "roll out one stage at a time (vitlab.maps.stages gives the runs)")
     if not 0.0 <= discard_ratio < 1.0:
         raise VitlabError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     B, _, N, _ = maps[0].shape
