@@ -252,7 +252,7 @@ def test_pit_like_tokens_flops_and_maps_per_stage():
     # the transitions' convolutions and prefix maps are counted: (D_out/D_in) taps of 3x3 per output
     t1 = 14 * 14 * 128 * 9 + 64 * 128
     t2 = 7 * 7 * 256 * 9 + 128 * 256
-    assert full["by_module"]["transitions"] == t1 + t2
+    assert full["by_module"]["transitions"] == t1 + t2 == full["by_kind"]["transition"]
     model = build_model(spec, seed=0).eval()
     records = record_attention(model, torch.randn(1, 3, 224, 224))
     assert [r.map.shape[-1] for r in records] == [730] * 2 + [197] * 6 + [50] * 4

@@ -11,7 +11,7 @@ from .report import KIND_KEYS, Report
 # colour-blind-safe (Okabe-Ito), one per kind in KIND_KEYS order
 _COLOURS = {
     "patch_embed": "#E69F00", "pos_embed": "#56B4E9", "attention": "#0072B2", "mlp": "#009E73",
-    "norm": "#F0E442", "pool": "#CC79A7", "head": "#D55E00", "other": "#999999",
+    "norm": "#F0E442", "transition": "#000000", "pool": "#CC79A7", "head": "#D55E00", "other": "#999999",
 }
 
 

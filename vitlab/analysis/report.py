@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-KIND_KEYS: tuple[str, ...] = ("patch_embed", "pos_embed", "attention", "mlp", "norm", "pool", "head", "other")
-"""The per-kind breakdown: the component kinds that cost FLOPs, the classifier head, and ``other``
-(ops outside any component, e.g. a block's own layer scale)."""
+KIND_KEYS: tuple[str, ...] = ("patch_embed", "pos_embed", "attention", "mlp", "norm", "transition", "pool", "head",
+                              "other")
+"""The per-kind breakdown: the component kinds that cost FLOPs (``transition`` between stages), the
+classifier head, and ``other`` (ops outside any component, e.g. a block's own layer scale)."""
 
 
 @dataclass
