@@ -1,8 +1,9 @@
 """timm's isotropic ViT zoo (issue 12): which models ``spec_from_timm`` reads, that every other one
 is refused with a vitlab error naming the feature, and per family added (DeiT distilled, BEiT-3's
-sub-LN, EVA: EVA-02, DINOv3, Perception Encoder, ``vit_*_rope_*``) outputs equal to timm's after
-loading its weights, FLOPs equal to fvcore's on timm's own unfused model, and a round trip where
-timm can take the spec back.
+sub-LN, EVA: EVA-02, DINOv3, Perception Encoder, ``vit_*_rope_*``; BEiT and relpos: relative
+position biases) outputs equal to timm's after loading its weights, FLOPs equal to fvcore's on
+timm's own unfused model, derived counts equal to full ones, and a round trip where timm can take
+the spec back.
 
 Every timm model is built with ``pretrained=False``; the reading tests build on the meta device.
 """
@@ -32,8 +33,10 @@ pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
 
 # what each added family still refuses, and why (the rest of the family reads)
 REFUSED = {
+    "beit": {},
     "deit": {},
     "eva": {"RotaryEmbeddingMixed": 6, "attn_only_layer_scale": 5},
+    "vision_transformer_relpos": {},
 }
 
 
@@ -94,6 +97,13 @@ COMPARED = {  # name -> create_model kwargs (full size where a forward is fast)
     "vit_pe_core_tiny_patch16_384": dict(depth=2, img_size=64),  # attention pool over every token
     "vit_base_patch16_rope_ape_224": dict(SMALL, img_size=64),  # RoPE plus a learned table
     "vit_pe_spatial_tiny_patch16_512": dict(depth=2, img_size=64),  # pre-norm, bias-free patch conv
+    "beit_base_patch16_224": dict(SMALL, img_size=64),  # per-block relative position table, q / v bias
+    "beitv2_large_patch16_224": dict(SMALL, img_size=(64, 48)),  # the table on a non-square grid
+    "beit_large_patch16_512": dict(SMALL, img_size=64, global_pool="token"),  # final norm, class token
+    "test_vit_relpos": {},  # per-block bias MLP over log-spaced offsets, fc_norm
+    "vit_relpos_medium_patch16_cls_224": dict(SMALL, img_size=(64, 48)),  # class token: its bias rows are zero
+    "vit_srelpos_small_patch16_224": dict(SMALL, img_size=64, rel_pos_dim=32),  # one bias MLP for all blocks
+    "vit_relpos_base_patch16_rpn_224": dict(SMALL, img_size=64),  # res-post-norm blocks
 }
 
 
@@ -129,6 +139,53 @@ def test_eva_weights_are_fused_and_renamed():
         assert torch.count_nonzero(model.blocks[0].attn.qkv.bias[64:128]) == 0
 
 
+def test_beit_weights_and_grid():
+    """BEiT's q / v biases fuse with a zero key bias, its tables load under timm's name, and the
+    table tied to the patch grid refuses what it cannot serve."""
+    tm = randomize(timm.create_model("beit_base_patch16_224", pretrained=False, **SMALL, img_size=64))
+    spec = spec_from_timm(tm)
+    assert spec.attention.name == "mhsa_relpos" and not spec.dynamic_img_size
+    model = build_model(spec)
+    report = load_timm_weights(model, tm)
+    assert report.ok, str(report)
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        assert torch.count_nonzero(attn.qkv.bias[64:128]) == 0
+        assert torch.equal(attn.qkv.bias[:64], tm.blocks[1].attn.q_bias)
+        assert torch.equal(attn.relative_position_bias_table, tm.blocks[1].attn.relative_position_bias_table)
+    data = spec.to_dict()
+    with pytest.raises(SpecError, match="tied to the patch grid"):
+        vitlab.load_spec({**data, "dynamic_img_size": True})
+    with pytest.raises(SpecError, match="one prefix token"):
+        vitlab.load_spec({**data, "reg_tokens": 1})
+    with pytest.raises(SpecError, match="shared by all blocks"):
+        spec_from_timm("beit_base_patch16_224", use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("vit_relpos_medium_patch16_cls_224", dict(SMALL, rel_pos_dim=32)),
+    ("vit_srelpos_small_patch16_224", dict(SMALL, rel_pos_dim=32)),
+    ("vit_relpos_small_patch16_224", dict(SMALL, rel_pos_type="bias", class_token=True, global_pool="token")),
+])
+def test_relpos_weights_and_other_grids(name, kw):
+    """timm's relpos bias modules load under vitlab's names; the bias MLP follows another grid
+    (with dynamic_img_size, as timm's ``set_input_size``), the table refuses it."""
+    tm = randomize(timm.create_model(name, pretrained=False, img_size=64, **kw)).eval()
+    spec = spec_from_timm(tm)
+    model = build_model(spec)
+    assert load_timm_weights(model, tm).ok
+    if spec.attention.name == "mhsa_relpos":
+        with pytest.raises(SpecError, match="tied to the patch grid"):
+            vitlab.load_spec({**spec.to_dict(), "dynamic_img_size": True})
+        return
+    model = build_model(vitlab.load_spec({**spec.to_dict(), "dynamic_img_size": True}))
+    assert load_timm_weights(model, tm).ok
+    other = timm.create_model(name, pretrained=False, img_size=(80, 48), **kw).eval()
+    other.load_state_dict(tm.state_dict())
+    x = torch.randn(2, 3, 80, 48, generator=torch.Generator().manual_seed(2))
+    assert_close(outputs(model, x), outputs(other, x))
+
+
 # --- FLOPs equal fvcore's on timm's own model (unfused attention) ------------------------------------
 
 FLOPS = {
@@ -138,6 +195,11 @@ FLOPS = {
     "eva02_tiny_patch14_224": {},
     "vit_small_patch16_dinov3": dict(depth=2),
     "vit_pe_core_tiny_patch16_384": dict(depth=2),
+    "beit_base_patch16_224": dict(depth=1),
+    "beitv2_large_patch16_224": dict(depth=1),
+    "test_vit_relpos": {},
+    "vit_relpos_medium_patch16_cls_224": dict(depth=1),
+    "vit_srelpos_small_patch16_224": dict(depth=2),
 }
 
 
@@ -167,6 +229,21 @@ def test_flops_equal_fvcore_on_timm(name, fvcore_on_timm):
     assert full.unsupported == {}
 
 
+@pytest.mark.parametrize("name, kw", [
+    ("beit_base_patch16_224", dict(depth=2, img_size=64)),
+    ("test_vit_relpos", dict(depth=3)),
+    ("vit_relpos_medium_patch16_cls_224", dict(depth=2, img_size=64)),
+    ("vit_srelpos_small_patch16_224", dict(depth=2, img_size=64)),  # a bias computed once, in the embedding
+])
+def test_derived_equals_full(name, kw):
+    spec = spec_from_timm(name, **kw)
+    full, derived = vitlab.analyze(spec, method="full"), vitlab.analyze(spec, method="derived")
+    assert derived.derived and not full.derived
+    drop = ("derived", "derivation", "method", "device")
+    assert ({k: v for k, v in derived.to_dict().items() if k not in drop}
+            == {k: v for k, v in full.to_dict().items() if k not in drop})
+
+
 # --- back to timm ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, kw", [
@@ -190,6 +267,12 @@ def test_distilled_export_refuses_what_deit_cannot_hold():
     data["pos_embed"] = {"name": "learned", "params": {"include_prefix": False}}
     with pytest.raises(SpecError, match="distillation token without its position row"):
         timm_kwargs(data)
+
+
+def test_beit_export_is_refused_by_name():
+    spec = spec_from_timm("beit_base_patch16_224", depth=1, img_size=64)
+    with pytest.raises(SpecError, match="attention 'mhsa_relpos'"):
+        timm_kwargs(spec)
 
 
 def test_eva_export_is_refused_by_name():

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from ..hookspecs import hookimpl
 from . import (
-    attention, block, distilled, map_pool, mlp, norm, patch_embed, pool, pos_embed, rope, subln, transition, window,
+    attention, block, distilled, map_pool, mlp, norm, patch_embed, pool, pos_embed, relpos, rope, subln, transition,
+    window,
 )
 
-MODULES = (patch_embed, pos_embed, rope, attention, subln, mlp, norm, block, pool, map_pool, distilled, transition, window)
+MODULES = (patch_embed, pos_embed, rope, attention, subln, relpos, mlp, norm, block, pool, map_pool, distilled,
+           transition, window)
 
 
 @hookimpl

@@ -148,8 +148,11 @@ DEIT_DISTILLED = Family(
     renames=(("dist_token", "reg_token"), ("head_dist.{rest}", "head.dist.{rest}")),
 )
 
-# timm's Eva: bare layer-scale parameters; q / k / v kept apart, or fused with EVA's key bias
-# that is always zero (a buffer outside the state dict)
+# EVA's and BEiT's fused qkv: q and v biases stored, the key bias always zero (a buffer outside
+# the state dict)
+_QV_BIAS = Fuse("blocks.{block}.attn.qkv.bias", ("blocks.{block}.attn.q_bias", ZERO, "blocks.{block}.attn.v_bias"))
+
+# timm's Eva: bare layer-scale parameters; q / k / v kept apart, or fused with the zero key bias
 EVA = Family(
     "eva", marker=r"blocks\.\d+\.(gamma_[12]|attn\.(q_bias|v_bias|q_proj\.weight))$",
     renames=(("blocks.{block}.gamma_1", "blocks.{block}.ls1.gamma"),
@@ -158,11 +161,29 @@ EVA = Family(
         Fuse("blocks.{block}.attn.qkv.weight", ("blocks.{block}.attn.q_proj.weight", "blocks.{block}.attn.k_proj.weight",
                                                 "blocks.{block}.attn.v_proj.weight")),
         Fuse("blocks.{block}.attn.qkv.bias", ("blocks.{block}.attn.q_proj.bias", ZERO, "blocks.{block}.attn.v_proj.bias")),
-        Fuse("blocks.{block}.attn.qkv.bias", ("blocks.{block}.attn.q_bias", ZERO, "blocks.{block}.attn.v_bias")),
+        _QV_BIAS,
     ),
 )
 
-FAMILIES: tuple[Family, ...] = (DEIT_DISTILLED, EVA)
+# timm's Beit: EVA's layer scales and fused q / v bias (zero key bias); each block's relative
+# position table keeps timm's name in ``mhsa_relpos``. Listed before EVA, whose marker BEiT's
+# checkpoints match too.
+BEIT = Family(
+    "beit", marker=r"blocks\.\d+\.attn\.relative_position_bias_table$",
+    renames=EVA.renames, fused=(_QV_BIAS,),
+)
+
+# timm's VisionTransformerRelPos: the bias shared by every block is vitlab's position encoding
+# (``relpos_mlp``); a per-block table sits in ``mhsa_relpos`` itself, not in a ``rel_pos`` module
+# (the per-block MLP keeps timm's ``attn.rel_pos.mlp`` names)
+RELPOS = Family(
+    "relpos", marker=r"(blocks\.\d+\.attn\.rel_pos|shared_rel_pos)\.",
+    renames=(("shared_rel_pos.{rest}", "pos_embed.rel_pos.{rest}"),
+             ("blocks.{block}.attn.rel_pos.relative_position_bias_table",
+              "blocks.{block}.attn.relative_position_bias_table")),
+)
+
+FAMILIES: tuple[Family, ...] = (DEIT_DISTILLED, BEIT, RELPOS, EVA)
 
 
 def family_of(keys: Iterable[str]) -> Family | None:

@@ -126,12 +126,7 @@ class EvaReader(_Reader):
             raise self.unsupported(f"Eva subclass {type(m).__name__}")
         data: dict[str, Any] = {"name": self.name, **self.patch_embed()}
         D = m.embed_dim
-        data["num_classes"] = 0
-        if not self.is_id(m.head):
-            head = self.linear(m.head, "head")
-            if head.bias is None or head.in_features != D:
-                raise self.unsupported("classifier head without bias or of another width")
-            data["num_classes"] = head.out_features
+        data["num_classes"] = self.num_classes(D)
         if m.patch_drop is not None:
             raise self.unsupported("patch dropout (patch_drop_rate)")
         if not len(m.blocks):

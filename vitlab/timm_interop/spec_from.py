@@ -355,6 +355,55 @@ class _Reader:
             return {"name": "token" if gp == "token" else "none"}, fc_norm
         raise self.unsupported(f"global_pool '{gp}'")
 
+    def num_classes(self, width: int) -> int:
+        """Classes of the model's ``head`` (0 when it has none); refused unless one Linear with bias."""
+        m = self.m
+        if self.is_id(m.head):
+            return 0
+        head = self.linear(m.head, "head")
+        if head.bias is None or head.in_features != width:
+            raise self.unsupported("classifier head without bias or of another width")
+        return head.out_features
+
+    def head_and_blocks(self, data: dict[str, Any]) -> list[dict]:
+        """``num_classes``, the sizes and every block (all read alike) of a single-width model."""
+        m = self.m
+        D = m.embed_dim
+        data["num_classes"] = self.num_classes(D)
+        if not len(m.blocks):
+            raise self.unsupported("model without blocks")
+        blocks = [self.block(b, i) for i, b in enumerate(m.blocks)]
+        strip = lambda b: {k: v for k, v in b.items() if k != "drop_path"}  # noqa: E731
+        for i, b in enumerate(blocks[1:], start=1):
+            if strip(b) != strip(blocks[0]):
+                raise self.unsupported(f"blocks that differ (block {i} is not configured like block 0)")
+        heads, hidden = blocks[0]["attn"]["heads"], blocks[0]["mlp"]["hidden"]
+        data.update(embed_dim=D, depth=len(blocks), num_heads=heads, mlp_ratio=self.mlp_ratio(hidden, "blocks.0.mlp"))
+        return blocks
+
+    def final_norm_and_pool(self, data: dict[str, Any]) -> None:
+        """The final norm and pool of a model with only ``''`` / ``avg`` / ``token`` pooling, a
+        ``norm`` before and an ``fc_norm`` after it, and no ``norm_pre`` (BEiT, relpos) into ``data``."""
+        m = self.m
+        data["pre_norm"] = False
+        final, fc_norm = not self.is_id(m.norm), not self.is_id(m.fc_norm)
+        if final:
+            self.norm(m.norm, "norm")
+        if fc_norm:
+            self.norm(m.fc_norm, "fc_norm")
+        gp = m.global_pool
+        if gp == "avg":  # over the patches only, then fc_norm
+            data["pool"] = {"name": "avg", "params": {"norm": fc_norm}}
+            data["final_norm"] = final
+        elif gp in ("token", ""):
+            if final and fc_norm:
+                raise self.unsupported("both a final norm and fc_norm after token pooling")
+            # a per-token norm commutes with taking tokens: fc_norm here is a final norm
+            data["pool"] = {"name": "token" if gp == "token" else "none"}
+            data["final_norm"] = final or fc_norm
+        else:
+            raise self.unsupported(f"global_pool '{gp}'")
+
     def norm_selection(self) -> dict:
         """The one norm every norm layer read so far is (vitlab uses one norm everywhere)."""
         kinds = set(self.norms.values())
@@ -387,12 +436,7 @@ class _Reader:
             raise self.unsupported(f"VisionTransformer subclass {type(m).__name__}")
         D = m.embed_dim
         data: dict[str, Any] = {"name": self.name, **self.patch_embed()}
-        data["num_classes"] = 0
-        if not self.is_id(m.head):
-            head = self.linear(m.head, "head")
-            if head.bias is None or head.in_features != D:
-                raise self.unsupported("classifier head without bias or of another width")
-            data["num_classes"] = head.out_features
+        data["num_classes"] = self.num_classes(D)
         if not self.is_id(getattr(m, "patch_drop", None)):
             raise self.unsupported("patch dropout (patch_drop_rate)")
 
@@ -466,7 +510,7 @@ class _Reader:
         data["block"] = first["block"]
         data["norm"] = self.norm_selection()
         data["drop_rate"] = _fmt_float(m.head_drop.p)
-        data["pos_drop_rate"] = _fmt_float(m.pos_drop.p)
+        data["pos_drop_rate"] = _fmt_float(m.pos_drop.p) if hasattr(m, "pos_drop") else 0.0  # relpos has none
         data["proj_drop_rate"] = _fmt_float(first["attn"]["proj_drop"])
         data["drop_path_rate"] = _fmt_float(blocks[-1]["drop_path"]) if len(blocks) > 1 else 0.0
 
@@ -507,6 +551,18 @@ def spec_from_timm(model_or_name: nn.Module | str, **create_kwargs: Any) -> ViTS
         from .pit import PitReader
 
         return PitReader(model, name, label).spec()
+    from timm.models.beit import Beit
+
+    if isinstance(model, Beit):
+        from .beit import BeitReader
+
+        return BeitReader(model, name, label).spec()
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    if isinstance(model, VisionTransformerRelPos):
+        from .relpos import RelPosReader
+
+        return RelPosReader(model, name, label).spec()
     from timm.models.eva import Eva
 
     if isinstance(model, Eva):
