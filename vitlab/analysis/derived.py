@@ -78,6 +78,15 @@ class _Call(nn.Module):
         return self.fn(*inputs)
 
 
+def traced(result: tuple[torch.Tensor, ForwardState]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """What a traced piece must return: the tokens and the tensors its new state carries. A shared
+    attention bias computed in the embedding (or recomputed by a transition) feeds later blocks,
+    not these tokens, and a trace would drop it as dead code; the full trace counts it."""
+    x, state = result
+    extra = tuple(t for t in (state.attn_bias, state.token_weights) if isinstance(t, torch.Tensor))
+    return (x, *extra) if extra else x
+
+
 def _renamer(renames: dict[str, str]) -> Callable[[str], str]:
     """Traced names (``model.blocks.3.attn``) -> the model's (``blocks.3.attn``), with whole-name
     prefixes swapped by ``renames`` (a counted block standing for another: ``blocks.3`` -> ``blocks.7``)."""
@@ -131,7 +140,7 @@ def derived_count(model: nn.Module, images: torch.Tensor, materialize_blocks: bo
         _materialize_tokens(model)
     make = torch.empty if images.device.type == "meta" else torch.zeros
 
-    embed = _Call(model, lambda im: model.embed(im)[0])
+    embed = _Call(model, lambda im: traced(model.embed(im)))
     total = count(embed, (images,), second_opinion, registry=model.registry)
     total, embedded = Counts({}, Counter(), 0 if second_opinion else None), total
     _add(total, embedded, _renamer({}))
@@ -151,7 +160,7 @@ def derived_count(model: nn.Module, images: torch.Tensor, materialize_blocks: bo
                 for m in parts:
                     materialize(m)
             xb = make(x.shape, dtype=x.dtype, device=x.device)
-            one = count(_Call(model, lambda t, i=i, st=state: model.run_block(i, t, st)[0]), (xb,), second_opinion,
+            one = count(_Call(model, lambda t, i=i, st=state: traced(model.run_block(i, t, st))), (xb,), second_opinion,
                         registry=model.registry)
             with torch.no_grad():
                 out, new_state = model.run_block(i, xb, state)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..state import ForwardState
 from .count import Counts, count, module_kinds
-from .derived import _add, _Call, _renamer, _span, _state_key, block_signature
+from .derived import _add, _Call, _renamer, _span, _state_key, block_signature, traced
 from .memory import PieceMemory, combine, measure_piece, meta_state, training_mode
 
 
@@ -120,7 +120,7 @@ class Walk:
         total = Counts({}, Counter(), 0 if self.second_opinion else None)
         x_img = torch.empty(images_shape, dtype=self.dtype, device="meta")
 
-        embed_fn = lambda im: model.embed(im)[0]  # noqa: E731
+        embed_fn = lambda im: traced(model.embed(im))  # noqa: E731
         with torch.no_grad():
             x, state = self._run(lambda im: model.embed(im), x_img)
         key = ("embed", _signatures(model.patch_embed, model.pos_embed, model.norm_pre),
@@ -137,7 +137,7 @@ class Walk:
             key = ("block", signature(model.blocks[i]), tuple(x.shape), _state_key(state),
                    model.pos_embed.acts_after(i), None if stage is None else signature(model.transitions[stage]))
             piece = self.cache.get(key)
-            block_fn = lambda t, i=i, st=state: model.run_block(i, t, st)[0]  # noqa: E731
+            block_fn = lambda t, i=i, st=state: traced(model.run_block(i, t, st))  # noqa: E731
             if piece is None or not piece.keeps_state:
                 seen: list[int] = []
                 hook = model.blocks[i].register_forward_pre_hook(lambda m, a: seen.append(int(a[0].shape[1])))
