@@ -80,11 +80,16 @@ class MultiHeadSelfAttention(QKVAttention):
         super().__init__(ctx, params)
         self.attn_drop = params.attn_drop
 
+    def bias(self, state: ForwardState) -> torch.Tensor | None:
+        """The additive attention bias of this layer: the state's shared one. A variant with a
+        bias of its own (relative position) overrides this and adds the shared one to it."""
+        return state.attn_bias
+
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         q, k, v = self.qkv_heads(x)
         q, k = state.transform_qk(q, k)
         drop = self.attn_drop if self.training else 0.0
-        return self.out(self.attend(q, k, v, dropout_p=drop, bias=state.attn_bias))
+        return self.out(self.attend(q, k, v, dropout_p=drop, bias=self.bias(state)))
 
 
 COMPONENTS = (MultiHeadSelfAttention,)

@@ -60,6 +60,11 @@ def table_rows(grid: tuple[int, int], num_prefix: int) -> int:
     return (2 * grid[0] - 1) * (2 * grid[1] - 1) + (3 if num_prefix else 0)
 
 
+def _plus_shared(own: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    """A layer's own bias plus the position encoding's shared one, when there is one."""
+    return own if state.attn_bias is None else own + state.attn_bias
+
+
 class RelPosAttention(MultiHeadSelfAttention):
     """Multi-head self-attention plus a learned relative position bias of its own (BEiT)."""
 
@@ -85,7 +90,7 @@ class RelPosAttention(MultiHeadSelfAttention):
         self.register_buffer("relative_position_index", index, persistent=False)
 
     def bias(self, state: ForwardState) -> torch.Tensor:
-        """This block's bias at ``state``'s grid: (1, heads, P + N, P + N)."""
+        """This block's table at ``state``'s grid, (1, heads, P + N, P + N), plus the state's shared bias."""
         if state.grid is None or tuple(state.grid) != self.grid or state.num_prefix != self.num_prefix:
             got = "merged tokens" if state.grid is None else f"grid {state.grid[0]}x{state.grid[1]}"
             raise ValueError(f"attention '{self.name}' has a relative position table for the "
@@ -93,16 +98,7 @@ class RelPosAttention(MultiHeadSelfAttention):
                              f"got {got} with {state.num_prefix}: build the model at this image size")
         n = self.relative_position_index.shape[0]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)  # (N, N, heads)
-        return bias.permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
-
-    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        q, k, v = self.qkv_heads(x)
-        q, k = state.transform_qk(q, k)
-        bias = self.bias(state)
-        if state.attn_bias is not None:  # a shared bias from the position encoding adds to this block's own
-            bias = bias + state.attn_bias
-        drop = self.attn_drop if self.training else 0.0
-        return self.out(self.attend(q, k, v, dropout_p=drop, bias=bias))
+        return _plus_shared(bias.permute(2, 0, 1).unsqueeze(0), state)  # (1, heads, N, N)
 
 
 class LogCoordBias(nn.Module):
@@ -149,16 +145,11 @@ class RelPosMlpAttention(MultiHeadSelfAttention):
         super().__init__(ctx, params)
         self.rel_pos = LogCoordBias(ctx, self.num_heads, params.bias_hidden)
 
-    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    def bias(self, state: ForwardState) -> torch.Tensor:
+        """This block's MLP bias at ``state``'s grid plus the state's shared bias."""
         if state.grid is None:
             raise ValueError(f"attention '{self.name}' needs tokens on a patch grid (a relative position bias)")
-        q, k, v = self.qkv_heads(x)
-        q, k = state.transform_qk(q, k)
-        bias = self.rel_pos(state.grid, state.num_prefix)
-        if state.attn_bias is not None:
-            bias = bias + state.attn_bias
-        drop = self.attn_drop if self.training else 0.0
-        return self.out(self.attend(q, k, v, dropout_p=drop, bias=bias))
+        return _plus_shared(self.rel_pos(state.grid, state.num_prefix), state)
 
 
 class SharedRelPosMlp(PosEncoding):

@@ -77,18 +77,7 @@ class RelPosReader(_Reader):
         t = type(b)
         if t not in (RelPosBlock, ResPostRelPosBlock):
             raise self.unsupported(f"block type {t.__module__}.{t.__name__} at {where}")
-        attn = self.attention(b.attn, f"{where}.attn")
-        mlp = self.mlp(b.mlp, f"{where}.mlp")
-        self.norm(b.norm1, f"{where}.norm1")
-        self.norm(b.norm2, f"{where}.norm2")
-        if t is RelPosBlock:
-            ls1, ls2 = self.layer_scale(b.ls1, f"{where}.ls1"), self.layer_scale(b.ls2, f"{where}.ls2")
-            if (ls1 is None) != (ls2 is None):
-                raise self.unsupported(f"layer scale on only one branch at {where}")
-            block = {"name": "prenorm", "params": {"init_values": ls1}}
-        else:  # timm's init_values only initialise ResPostRelPosBlock's norm weights (no layer scale)
-            block = {"name": "respostnorm", "params": {"init_values": None}}
-        return {"attn": attn, "mlp": mlp, "block": block, "drop_path": float(getattr(b.drop_path1, "drop_prob", 0.0))}
+        return self.two_branch(b, where, post=t is ResPostRelPosBlock)
 
     def spec(self) -> ViTSpec:
         from timm.models.vision_transformer_relpos import VisionTransformerRelPos

@@ -209,20 +209,7 @@ class _Reader:
         t = type(b)
         D = dim or self.m.embed_dim
         if t in (Block, ResPostBlock):
-            attn = self.attention(b.attn, f"{where}.attn", D)
-            mlp = self.mlp(b.mlp, f"{where}.mlp", D)
-            self.norm(b.norm1, f"{where}.norm1")
-            self.norm(b.norm2, f"{where}.norm2")
-            if t is Block:
-                ls1 = self.layer_scale(b.ls1, f"{where}.ls1")
-                ls2 = self.layer_scale(b.ls2, f"{where}.ls2")
-                if (ls1 is None) != (ls2 is None):
-                    raise self.unsupported(f"layer scale on only one branch at {where}")
-                block = {"name": "prenorm", "params": {"init_values": ls1}}
-            else:
-                # timm's init_values only initialise ResPostBlock's norm weights (no layer scale)
-                block = {"name": "respostnorm", "params": {"init_values": None}}
-            drop_path = getattr(b.drop_path1, "drop_prob", 0.0)
+            return self.two_branch(b, where, post=t is ResPostBlock, dim=D)
         elif t is ParallelScalingBlock:
             in_proj = self.linear(b.in_proj, f"{where}.in_proj")
             hidden = in_proj.out_features - 3 * D
@@ -256,6 +243,22 @@ class _Reader:
         else:
             raise self.unsupported(f"block type {t.__module__}.{t.__name__} at {where}")
         return {"attn": attn, "mlp": mlp, "block": block, "drop_path": float(drop_path)}
+
+    def two_branch(self, b: nn.Module, where: str, post: bool, dim: int | None = None) -> dict:
+        """A timm block of ``norm1, attn, ls1, norm2, mlp, ls2`` (``Block`` and its kin in other
+        families): pre-norm with layer scale on both branches or none, or res-post-norm (``post``)."""
+        attn = self.attention(b.attn, f"{where}.attn", dim)
+        mlp = self.mlp(b.mlp, f"{where}.mlp", dim)
+        self.norm(b.norm1, f"{where}.norm1")
+        self.norm(b.norm2, f"{where}.norm2")
+        if post:  # timm's init_values only initialise a res-post block's norm weights (no layer scale)
+            block = {"name": "respostnorm", "params": {"init_values": None}}
+        else:
+            ls1, ls2 = self.layer_scale(b.ls1, f"{where}.ls1"), self.layer_scale(b.ls2, f"{where}.ls2")
+            if (ls1 is None) != (ls2 is None):
+                raise self.unsupported(f"layer scale on only one branch at {where}")
+            block = {"name": "prenorm", "params": {"init_values": ls1}}
+        return {"attn": attn, "mlp": mlp, "block": block, "drop_path": float(getattr(b.drop_path1, "drop_prob", 0.0))}
 
     def patch_embed(self) -> dict:
         from timm.layers import PatchEmbed
