@@ -5,6 +5,7 @@ Importing this package imports torch but not fvcore or timm; counting imports fv
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal, Mapping
@@ -136,8 +137,13 @@ def _analyze_spec(source, img_size, batch_size, method, overrides, name, second_
     H, W = spec.img_hw
     images = torch.empty(batch_size, spec.in_chans, H, W, device="meta")
     use_derived = method == "derived"
-    if mem.cache is not None and method in ("auto", "derived"):
+    if use_derived or (mem.cache is not None and method == "auto"):
+        # one walk gives the derived counts and the memory prediction together (not two walks)
         try:
+            if mem.cache is None:
+                from .pieces import PieceCache
+
+                mem = dataclasses.replace(mem, cache=PieceCache())
             return _analyze_cached(model, spec, images, batch_size, name, params, trainable, second_opinion, mem)
         except Exception as exc:  # noqa: BLE001  (anything a walk on meta cannot do: count as usual)
             log.info("cached count of %s failed (%s: %s); counting it alone", spec.name, type(exc).__name__, exc)
