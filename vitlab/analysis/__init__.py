@@ -95,8 +95,8 @@ def _memory(model: nn.Module, images_shape: tuple[int, ...], mem: _MemoryOptions
     run on meta tensors -- estimated from fvcore's activation count (output elements) instead."""
     from ..model import VisionTransformer
     from .count import module_kinds
-    from .memory import DTYPES, combine, PieceMemory, predict_module
-    from .pieces import predict_vit
+    from .memory import DTYPES, PieceMemory, predict_module
+    from .pieces import combine_parts, predict_vit
 
     dtype = DTYPES[mem.dtype]
     try:
@@ -106,11 +106,8 @@ def _memory(model: nn.Module, images_shape: tuple[int, ...], mem: _MemoryOptions
             memory, by_kind = predict_module(model, torch.empty(images_shape, device="meta"), dtype, module_kinds(model))
     except Exception as exc:  # noqa: BLE001  (an estimate instead of no answer)
         log.info("meta-device memory pass failed (%s: %s); estimating from the activation count", type(exc).__name__, exc)
-        tensors = list(model.parameters()) + list(model.buffers())
-        params_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         saved = PieceMemory({"other": activations * dtype.itemsize}, 0, 0)
-        memory, by_kind = combine(params_bytes, trainable, dtype.itemsize, PieceMemory(), [], saved, False)
+        memory, by_kind = combine_parts(model, dtype, PieceMemory(), [], saved, False)
     return {"memory": memory, "memory_by_kind": by_kind, "dtype": mem.dtype, "grad_checkpointing": mem.grad_checkpointing}
 
 

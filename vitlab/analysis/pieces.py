@@ -188,10 +188,22 @@ def predict_vit(model: nn.Module, images_shape: tuple[int, ...], dtype: torch.dt
     """``(memory, memory_by_kind)`` of a ``VisionTransformer`` (see ``vitlab.analysis.memory``)."""
     dtype = dtype or torch.float32
     _, _, (embed, blocks, head) = Walk(model, cache, dtype).run(images_shape)
-    return _combine(model, dtype, embed, blocks, head, grad_checkpointing)
+    return combine_parts(model, dtype, embed, blocks, head, grad_checkpointing)
 
 
-def _combine(model, dtype, embed, blocks, head, grad_checkpointing):
+def check_inference_fits(spec, batch_size: int, device: str = "cpu") -> None:
+    """Refuse, before anything is allocated, a recipe whose predicted inference peak at
+    ``batch_size`` does not fit ``device`` (``memory.check_fits``: one line with the estimate)."""
+    from ..model import build_model
+    from .memory import check_fits
+
+    h, w = spec.img_hw
+    memory, _ = predict_vit(build_model(spec, device="meta"), (batch_size, spec.in_chans, h, w))
+    check_fits(memory["infer_peak_bytes"], f"{spec.name} at batch {batch_size}", device=device)
+
+
+def combine_parts(model, dtype, embed, blocks, head, grad_checkpointing):
+    """``memory.combine`` with the model's own parameter bytes (at ``dtype``) and trainable count."""
     tensors = list(model.parameters()) + list(model.buffers())
     params_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -206,7 +218,7 @@ def walk_count(model: nn.Module, images_shape: tuple[int, ...], dtype: torch.dty
     dtype = dtype or torch.float32
     counts, note, (embed, blocks, head) = Walk(model, cache, dtype, want_counts=True,
                                                second_opinion=second_opinion).run(images_shape, tokens)
-    memory, by_kind = _combine(model, dtype, embed, blocks, head, grad_checkpointing)
+    memory, by_kind = combine_parts(model, dtype, embed, blocks, head, grad_checkpointing)
     return counts, note, memory, by_kind
 
 

@@ -38,12 +38,9 @@ def _build(spec, weights: Path | None, seed: int):
     from .. import checkpoint
     from ..model import build_model
 
-    from ..analysis.memory import check_fits
-    from ..analysis.pieces import predict_vit
+    from ..analysis.pieces import check_inference_fits
 
-    h, w = spec.img_hw  # one image: refuse a model that cannot fit before allocating it
-    mem, _ = predict_vit(build_model(spec, device="meta"), (1, spec.in_chans, h, w))
-    check_fits(mem["infer_peak_bytes"], f"{spec.name} on one image", device="cpu")
+    check_inference_fits(spec, 1)  # one image: refuse a model that cannot fit before allocating it
     if weights is None:
         return build_model(spec, seed=seed), f"random init, seed {seed}"
     if not weights.is_file():

@@ -110,12 +110,9 @@ def build(recipe: str, overrides: tuple[str, ...], batch_size: int, device: str)
     except RuntimeError as exc:
         raise VitlabError(f"--device: {exc}") from None
     if torch_device.type != "meta":  # refuse what cannot fit before allocating anything
-        from ..analysis.memory import check_fits
-        from ..analysis.pieces import predict_vit
+        from ..analysis.pieces import check_inference_fits
 
-        h, w = spec.img_hw
-        mem, _ = predict_vit(build_model(spec, device="meta"), (batch_size, spec.in_chans, h, w))
-        check_fits(mem["infer_peak_bytes"], f"{spec.name} at batch {batch_size}", device=str(torch_device))
+        check_inference_fits(spec, batch_size, device=str(torch_device))
     model = build_model(spec, device=torch_device).eval()
     ctx = model.ctx
     params = sum(p.numel() for p in model.parameters())
