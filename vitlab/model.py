@@ -88,7 +88,7 @@ class VisionTransformer(nn.Module):
         )
         # transitions.<stage> leads into that stage, before its first block
         self.transitions = nn.ModuleDict({
-            str(p.index): spec._transition_context(contexts, p.index).make("transition") for p in stage_plans[1:]
+            str(p.index): spec.transition_context(contexts, p.index).make("transition") for p in stage_plans[1:]
         })
         self._transition_at = {p.start: str(p.index) for p in stage_plans[1:]}
         self.norm = last.make("norm") if spec.final_norm else nn.Identity()

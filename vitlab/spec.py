@@ -254,7 +254,7 @@ class ViTSpec(BaseModel):
                 uses.append((plan.source[kind], kind, plan.selections[kind], ctx))
         for plan in self.stage_plans()[1:]:
             uses.append((("stages", plan.index, "transition"), "transition", plan.transition,
-                         self._transition_context(contexts, plan.index)))
+                         self.transition_context(contexts, plan.index)))
         errors, seen = [], set()
         for loc, kind, sel, ctx in uses:
             key = (loc, kind, sel.name, repr(sorted(sel.params.items())), ctx.embed_dim, ctx.num_heads,
@@ -332,11 +332,9 @@ class ViTSpec(BaseModel):
         embedder's for the first, each transition's ``out_grid`` after). Raises ``ValueError``
         when a grid does not fit."""
         registry = registry if registry is not None else _registry(None)
-        first = self.build_context(registry, **alloc)
-        contexts = [first.replace(embed_dim=self.stage_plans()[0].embed_dim,
-                                  num_heads=self.stage_plans()[0].num_heads,
-                                  mlp_hidden_dim=int(self.stage_plans()[0].embed_dim * self.mlp_ratio))]
-        for plan in self.stage_plans()[1:]:
+        plans = self.stage_plans()
+        contexts = [self.build_context(registry, **alloc)]  # the first stage's sizes
+        for plan in plans[1:]:
             cls = registry.get("transition", plan.transition.name).cls
             grid = tuple(cls.out_grid(contexts[-1].grid_size, cls.Params.model_validate(plan.transition.params)))
             if min(grid) < 1:
@@ -346,7 +344,7 @@ class ViTSpec(BaseModel):
                 mlp_hidden_dim=int(plan.embed_dim * self.mlp_ratio)))
         return contexts
 
-    def _transition_context(self, contexts: list[BuildContext], stage: int) -> BuildContext:
+    def transition_context(self, contexts: list[BuildContext], stage: int) -> BuildContext:
         """A transition is built with the context of the stage it leads into, the previous
         stage's width as ``in_dim`` and the grid it receives."""
         prev = contexts[stage - 1]
