@@ -18,7 +18,7 @@ from timm.models.pit import PoolingVisionTransformer  # noqa: E402
 import vitlab  # noqa: E402
 from vitlab import SpecError, WeightsError, build_model, load_spec  # noqa: E402
 from vitlab.timm_interop import load_timm_weights, spec_from_timm, timm_kwargs, to_timm_state_dict  # noqa: E402
-from timm_reference import assert_close, images, outputs, randomize  # noqa: E402
+from timm_reference import assert_close, fvcore_flops, images, outputs, randomize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
 
@@ -89,28 +89,11 @@ def test_weights_from_a_safetensors_file(tmp_path):
     assert_close(outputs(model, x), outputs(tm, x))
 
 
-@pytest.fixture
-def fvcore_on_timm(monkeypatch):
-    """fvcore's FLOPs of timm's own model, built with unfused attention (timm's flag restored after)."""
-    from fvcore.nn import FlopCountAnalysis
-
-    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", timm.layers.config._USE_FUSED_ATTN)
-    timm.layers.set_fused_attn(False)
-
-    def run(name: str) -> int:
-        tm = timm.create_model(name, pretrained=False).eval()
-        assert not any(getattr(m, "fused_attn", False) for m in tm.modules())
-        flops = FlopCountAnalysis(tm, torch.randn(1, 3, 224, 224))
-        return flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
-
-    return run
-
-
 @pytest.mark.parametrize("name", COMPARED)
-def test_flops_equal_fvcore_on_timm(name, fvcore_on_timm):
+def test_flops_equal_fvcore_on_timm(name):
     spec = spec_from_timm(name)
     full = vitlab.analyze(spec, method="full")
-    assert full.flops == fvcore_on_timm(name)
+    assert full.flops == fvcore_flops(name)
     assert full.unsupported == {}
     assert vitlab.analyze(spec, method="derived").flops == full.flops
 
@@ -140,7 +123,7 @@ def test_non_square_images_and_cropping_stride():
 
 # --- the bundled recipe --------------------------------------------------------------------------
 
-def test_pit_ti_like_recipe_takes_pit_ti_weights(fvcore_on_timm):
+def test_pit_ti_like_recipe_takes_pit_ti_weights():
     """The bundled recipe is PiT-Ti: timm's weights load, outputs match, and its FLOPs equal
     fvcore's on timm's model (the last norm acts on the class token only, in the pool)."""
     tm = timm_pit("pit_ti_224")
@@ -151,7 +134,7 @@ def test_pit_ti_like_recipe_takes_pit_ti_weights(fvcore_on_timm):
     x = images(spec)
     assert_close(outputs(model, x), outputs(tm, x))
     assert timm_kwargs(spec) == timm_kwargs(spec_from_timm("pit_ti_224"))
-    assert vitlab.analyze(spec).flops == fvcore_on_timm("pit_ti_224")
+    assert vitlab.analyze(spec).flops == fvcore_flops("pit_ti_224")
 
 
 def test_checkpoint_with_other_stage_depths_is_refused():

@@ -24,7 +24,7 @@ from vitlab.timm_interop import (  # noqa: E402
     to_timm_state_dict,
 )
 from vitlab.timm_interop import zoo  # noqa: E402
-from timm_reference import assert_close, images, outputs, randomize  # noqa: E402
+from timm_reference import assert_close, fvcore_flops, images, outputs, randomize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
 
@@ -203,28 +203,11 @@ FLOPS = {
 }
 
 
-@pytest.fixture
-def fvcore_on_timm(monkeypatch):
-    """fvcore's FLOPs of timm's own model built with unfused attention (timm's flag restored after)."""
-    from fvcore.nn import FlopCountAnalysis
-
-    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", timm.layers.config._USE_FUSED_ATTN)
-    timm.layers.set_fused_attn(False)
-
-    def run(name: str, img_hw, **kw) -> int:
-        tm = timm.create_model(name, pretrained=False, **kw).eval()
-        assert not any(getattr(m, "fused_attn", False) for m in tm.modules())
-        flops = FlopCountAnalysis(tm, torch.randn(1, 3, *img_hw))
-        return flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
-
-    return run
-
-
 @pytest.mark.parametrize("name", FLOPS)
-def test_flops_equal_fvcore_on_timm(name, fvcore_on_timm):
+def test_flops_equal_fvcore_on_timm(name):
     spec = spec_from_timm(name, **FLOPS[name])
     full = vitlab.analyze(spec, method="full")
-    theirs = fvcore_on_timm(name, spec.img_hw, **FLOPS[name])
+    theirs = fvcore_flops(name, spec.img_hw, **FLOPS[name])
     assert abs(full.flops - theirs) <= 0.005 * theirs, (full.flops, theirs)
     assert full.unsupported == {}
 

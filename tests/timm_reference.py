@@ -32,3 +32,22 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor, rtol: float = RTOL) -
 
 def images(spec, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, spec.in_chans, *spec.img_hw, generator=torch.Generator().manual_seed(1))
+
+
+def fvcore_flops(name: str, img_hw=(224, 224), **kw) -> int:
+    """fvcore's FLOPs of timm's own model ``name`` (``create_model(name, **kw)``), built with fused
+    attention off as the issue asks (``timm.layers.set_fused_attn(False)`` before ``create_model``;
+    timm's flag is restored after): the independent reference FLOP tests compare against."""
+    import timm
+    from fvcore.nn import FlopCountAnalysis
+
+    config = timm.layers.config
+    saved = config._USE_FUSED_ATTN
+    timm.layers.set_fused_attn(False)
+    try:
+        tm = timm.create_model(name, pretrained=False, **kw).eval()
+    finally:
+        config._USE_FUSED_ATTN = saved
+    assert not any(getattr(m, "fused_attn", False) for m in tm.modules())
+    flops = FlopCountAnalysis(tm, torch.randn(1, 3, *img_hw))
+    return flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import Problem, SpecError, WeightsError
 from ..spec import ViTSpec
 from .spec_from import _fmt_float, _Reader
+from .to_timm import Export
 
 # timm PiT name <-> vitlab name, first match wins in either direction. ``{stage}`` is the stage,
 # ``{j}`` a block within it and ``{block}`` the same block counted across the whole model;
@@ -339,3 +340,13 @@ def pit_state_dict(model) -> dict[str, torch.Tensor]:
     if sd:  # pragma: no cover - a component with weights the table does not know
         raise WeightsError(f"no timm PiT name for: {', '.join(sorted(sd))}")
     return out
+
+
+def _pit_class(spec: ViTSpec) -> type:
+    from timm.models.pit import PoolingVisionTransformer
+
+    return PoolingVisionTransformer
+
+
+PIT_EXPORT = Export(claims=lambda spec: spec.stages is not None, timm_class=_pit_class, kwargs=pit_kwargs,
+                    state_dict=pit_state_dict)

@@ -522,6 +522,17 @@ class _Reader:
         return load_spec(data)
 
 
+# timm model class -> the reader of its family: (timm module, class, module here, reader class).
+# First match wins, so a subclass is listed before its base; anything else is read as timm's
+# ``VisionTransformer`` by ``_Reader`` (which refuses what it is not).
+READERS: tuple[tuple[str, str, str, str], ...] = (
+    ("timm.models.pit", "PoolingVisionTransformer", ".pit", "PitReader"),
+    ("timm.models.beit", "Beit", ".beit", "BeitReader"),
+    ("timm.models.vision_transformer_relpos", "VisionTransformerRelPos", ".relpos", "RelPosReader"),
+    ("timm.models.eva", "Eva", ".eva", "EvaReader"),
+)
+
+
 def spec_from_timm(model_or_name: nn.Module | str, **create_kwargs: Any) -> ViTSpec:
     """The ``ViTSpec`` of a timm ``VisionTransformer``, or of a ``PoolingVisionTransformer`` (PiT:
     a spec with ``stages``; see ``vitlab.timm_interop.pit``).
@@ -548,28 +559,10 @@ def spec_from_timm(model_or_name: nn.Module | str, **create_kwargs: Any) -> ViTS
         name = cfg.get("architecture")
         label = f"timm model '{name}'" if name else f"timm {type(model).__name__}"
         name = name or f"timm_{type(model).__name__.lower()}"
-    from timm.models.pit import PoolingVisionTransformer
+    import importlib
 
-    if isinstance(model, PoolingVisionTransformer):
-        from .pit import PitReader
-
-        return PitReader(model, name, label).spec()
-    from timm.models.beit import Beit
-
-    if isinstance(model, Beit):
-        from .beit import BeitReader
-
-        return BeitReader(model, name, label).spec()
-    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
-
-    if isinstance(model, VisionTransformerRelPos):
-        from .relpos import RelPosReader
-
-        return RelPosReader(model, name, label).spec()
-    from timm.models.eva import Eva
-
-    if isinstance(model, Eva):
-        from .eva import EvaReader
-
-        return EvaReader(model, name, label).spec()
+    for timm_module, timm_cls, module, reader in READERS:
+        if isinstance(model, getattr(importlib.import_module(timm_module), timm_cls)):
+            cls = getattr(importlib.import_module(module, __package__), reader)
+            return cls(model, name, label).spec()
     return _Reader(model, name, label).spec()

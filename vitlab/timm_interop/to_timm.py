@@ -4,7 +4,9 @@ model built here can be handed to timm."""
 from __future__ import annotations
 
 import functools
-from typing import Any
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -14,6 +16,32 @@ from ..spec import ViTSpec
 
 def _no_equivalent(spec: ViTSpec, why: str) -> SpecError:
     return SpecError([Problem("", f"spec '{spec.name}' has no timm VisionTransformer equivalent: {why}")])
+
+
+@dataclass(frozen=True)
+class Export:
+    """How the specs of one timm family go back to timm: whether ``claims(spec)``, then its timm
+    class, ``create_model`` arguments and state dict (timm's names)."""
+
+    claims: Callable[[ViTSpec], bool]
+    timm_class: Callable[[ViTSpec], type]
+    kwargs: Callable[[ViTSpec], dict[str, Any]]
+    state_dict: Callable[[Any], dict[str, torch.Tensor]]
+
+
+# the families with their own export, (module here, ``Export`` in it); first claim wins, and a spec
+# none claims goes to timm's ``VisionTransformer`` (or DeiT's distilled subclass) below
+EXPORTS: tuple[tuple[str, str], ...] = (
+    (".pit", "PIT_EXPORT"),
+)
+
+
+def _export(spec: ViTSpec) -> Export | None:
+    for module, attr in EXPORTS:
+        ex = getattr(importlib.import_module(module, __package__), attr)
+        if ex.claims(spec):
+            return ex
+    return None
 
 
 def check_uniform_blocks(spec: ViTSpec, fail) -> None:
@@ -51,10 +79,8 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
         from ..recipes import load_spec
 
         spec = load_spec(spec)
-    if spec.stages is not None:
-        from .pit import pit_kwargs
-
-        return pit_kwargs(spec)
+    if (ex := _export(spec)) is not None:
+        return ex.kwargs(spec)
     from timm.layers import Mlp, SwiGLU
     from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock
 
@@ -202,10 +228,8 @@ def timm_class(spec: ViTSpec | Any) -> type:
         from ..recipes import load_spec
 
         spec = load_spec(spec)
-    if spec.stages is not None:
-        from timm.models.pit import PoolingVisionTransformer
-
-        return PoolingVisionTransformer
+    if (ex := _export(spec)) is not None:
+        return ex.timm_class(spec)
     if spec.pool.name == "distilled":
         from timm.models.deit import VisionTransformerDistilled
 
@@ -222,10 +246,8 @@ def to_timm_state_dict(model) -> dict[str, torch.Tensor]:
         SpecError: the spec has no timm equivalent.
         WeightsError: a weight timm's model has no place for is non-zero.
     """
-    if model.spec.stages is not None:
-        from .pit import pit_state_dict
-
-        return pit_state_dict(model)
+    if (ex := _export(model.spec)) is not None:
+        return ex.state_dict(model)
     kw = timm_kwargs(model.spec)
     spec = model.spec
     D = spec.embed_dim
