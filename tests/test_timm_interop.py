@@ -566,7 +566,8 @@ def test_pickle_that_runs_code_is_refused_unrun(tmp_path):
     (lambda p: (p / "bad.pth").write_bytes(b"this is not a torch checkpoint"), "not a readable PyTorch checkpoint"),
     (lambda p: torch.save([1, 2, 3], p / "bad.pt"), "expected a state dict"),
     (lambda p: torch.save({"a": torch.zeros(1), "b": 3}, p / "bad.pt"), "entry 'b' is a int, not a tensor"),
-    (lambda p: (p / "bad.npz").write_bytes(b"x"), "unknown checkpoint format '.npz'"),
+    (lambda p: (p / "bad.npz").write_bytes(b"x"), "not a readable .npz archive"),
+    (lambda p: (p / "bad.ckpt").write_bytes(b"x"), "unknown checkpoint format '.ckpt'"),
     (lambda p: None, "no such file"),
 ])
 def test_malformed_checkpoint_files(tmp_path, make, message):

@@ -30,6 +30,7 @@ class Source:
         self._get = getter
         self.label = label
         self.pos_layout = pos_layout
+        self.note: str | None = None  # how the source was read, when the report should say so
 
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
@@ -132,7 +133,8 @@ def open_file(path: str | Path) -> Iterator[Source]:
     if suffix in PICKLE_SUFFIXES:
         yield from_mapping(read_pickle(path), str(path))
         return
-    raise WeightsError(f"{path}: unknown checkpoint format '{suffix}'; expected one of {', '.join(SUFFIXES)}")
+    raise WeightsError(f"{path}: unknown checkpoint format '{suffix}'; expected one of {', '.join(SUFFIXES)} "
+                       "(or a big_vision .npz, read into a model by load_timm_weights)")
 
 
 @contextlib.contextmanager

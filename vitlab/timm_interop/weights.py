@@ -6,9 +6,11 @@ and (with ``strict=True``) free of problems, so a failed load leaves the model u
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -305,6 +307,22 @@ class _Plan:
             # the linear embedder flattens patches in the conv kernel's (C, ph, pw) order
             self.put(tkey, lambda: src.get(skey).reshape(want), shape[:1] + (want[1],), "converted", skey,
                      note="conv kernel flattened for the linear patch embedder")
+            return
+        # (D, C, h, w) -> the model's patch (D, C, ph, pw), or its flattened (D, C * ph * pw)
+        patch = tuple(self.model.spec.patch_hw)
+        if len(shape) != 4 or shape[2:] == patch or want not in ((*shape[:2], *patch),
+                                                                  (shape[0], shape[1] * patch[0] * patch[1])):
+            return
+
+        def resampled() -> torch.Tensor:
+            from timm.layers import resample_patch_embed
+
+            return resample_patch_embed(src.get(skey), list(patch), interpolation="bicubic",
+                                        antialias=True).reshape(want)
+
+        note = (f"patch kernel {shape[2]}x{shape[3]} resampled to {patch[0]}x{patch[1]} with FlexiViT's "
+                "pseudo-inverse (timm's resample_patch_embed)")
+        self.put(tkey, resampled, want, "resampled", skey, note=note)
 
     def pit(self) -> None:
         """A timm PiT checkpoint: its names (``pit.PIT_NAMES``) and the class-token pair it keeps
@@ -370,12 +388,17 @@ class _Plan:
 
 def plan_load(model, src: Source) -> tuple[_Plan, LoadReport]:
     from .bridge import family_of
+    from .layouts import convert
 
+    note = src.note
+    src, converted = convert(model, src)  # an original layout (CLIP, DINOv2 ...) in timm's names
     family = family_of(src.keys())
     if family is not None:  # another timm family's names: seen in ViT names (``bridge``)
         src = family.adapt(src)
     plan = _Plan(model, src)
-    return plan, plan.build()
+    report = plan.build()
+    report.notes[:0] = [n for n in (note, converted) if n]
+    return plan, report
 
 
 def load_timm_weights(model, source: Any, strict: bool = True) -> LoadReport:
@@ -384,7 +407,10 @@ def load_timm_weights(model, source: Any, strict: bool = True) -> LoadReport:
     Args:
         model: a vitlab ``VisionTransformer``.
         source: a timm model, a state dict (timm names), or a local ``.safetensors`` /
-            ``.pth`` / ``.pt`` / ``.bin`` file (pickles are read with ``weights_only=True``).
+            ``.pth`` / ``.pt`` / ``.bin`` file (pickles are read with ``weights_only=True``), or a
+            big_vision ``.npz``. Checkpoints in the original layouts timm converts (OpenAI CLIP,
+            open_clip, DINOv2 / v3, EVA, PE ...) go through the family's own timm filter
+            (``layouts``); a patch kernel of another size is resampled as FlexiViT does.
         strict: raise ``WeightsError`` (with the report) when anything is missing, unexpected
             or of the wrong shape, before copying anything; ``False`` loads what fits.
 
@@ -395,7 +421,13 @@ def load_timm_weights(model, source: Any, strict: bool = True) -> LoadReport:
 
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"load_timm_weights loads into a vitlab VisionTransformer, got {type(model).__name__}")
-    with open_source(source) as src:
+    if isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".npz":
+        from .layouts import open_npz
+
+        opened = contextlib.nullcontext(open_npz(model, source))
+    else:
+        opened = open_source(source)
+    with opened as src:
         plan, report = plan_load(model, src)
         if strict and not report.ok:
             raise WeightsError(
