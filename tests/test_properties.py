@@ -10,6 +10,8 @@ Each test asserts its own property within its own run, so ``-k`` and xdist chang
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import yaml
@@ -108,6 +110,14 @@ def test_valid_recipes_reach_most_components(capsys):
     assert len(drawn) >= 0.8 * len(drawable), sorted(drawable - drawn)
 
 
+# pools whose features are not embed_dim wide: their width from their params, written out here
+POOL_WIDTH = {
+    "sam_neck": lambda p, D: p["channels"] or D,  # the neck's convolutions
+    "unshuffle_mlp": lambda p, D: p["out_features"] or p["hidden"] or p["merge_size"] ** 2 * D,
+    "unshuffle_mlp_avg": lambda p, D: p["out_features"] or p["hidden"] or p["merge_size"] ** 2 * D,
+}
+
+
 @settings(max_examples=40, **SETTINGS)
 @given(valid_recipes())
 def test_valid_specs_build_run_and_round_trip(tmp_path_factory, recipe):
@@ -120,8 +130,13 @@ def test_valid_specs_build_run_and_round_trip(tmp_path_factory, recipe):
         out = model(x)
     ctx = model.ctx
     keeps_tokens = type(model.pool).keeps_tokens
-    width = spec.num_classes or spec.embed_dim
-    assert out.shape == ((2, ctx.num_tokens, width) if keeps_tokens else (2, width))
+    pool = spec.pool.params
+    width = spec.num_classes or POOL_WIDTH.get(spec.pool.name, lambda p, D: D)(pool, spec.embed_dim)
+    tokens = ctx.num_tokens
+    if "merge_size" in pool or "kernel" in pool:  # one token per k x k cell of the grid, prefix dropped
+        k = pool.get("merge_size") or pool["kernel"]
+        tokens = math.prod(-(-g // k) for g in ctx.grid_size)
+    assert out.shape == ((2, tokens, width) if keeps_tokens else (2, width))
     assert torch.isfinite(out).all()
     # save -> load rebuilds the same model: same spec, same outputs
     path = vitlab.save(model, tmp_path_factory.mktemp("ckpt") / "m.safetensors")

@@ -220,8 +220,9 @@ def _size_problems(sizes: dict[str, int], header: _Header) -> list[tuple[str, st
             problems.append((field, f"{what} but the file has tensors for {blocks} blocks (blocks.<i>.*)"))
         elif n > MAX_BLOCKS:
             problems.append((field, f"{what}; a checkpoint may hold at most {MAX_BLOCKS} blocks"))
-    widths = [(key, field) for key, field in (("cls_token", "token_dim"), ("norm.weight", "embed_dim"),
-                                              ("head.weight", "embed_dim")) if field in sizes and key in shapes]
+    # (not head.weight: a pool may have its own width, e.g. SAM's neck or a VLM merger)
+    widths = [(key, field) for key, field in (("cls_token", "token_dim"), ("norm.weight", "embed_dim"))
+              if field in sizes and key in shapes]
     problems += [("embed_dim", f"is {sizes[field]} but the file's {key} has shape {shapes[key]}")
                  for key, field in widths if sizes[field] not in shapes[key]][:1]  # one problem: the first
     for field, key, dim in (("reg_tokens", "reg_token", 1), ("num_classes", "head.weight", 0)):
@@ -251,6 +252,9 @@ def _derived_problems(spec, header: _Header) -> list[tuple[str, str]]:
             f"more than {limit:,} (the file's {header.values:,} weight values, or {MAX_DERIVED_VALUES:,})")]
 
 
+ALIGN = 64  # bytes: what CPU kernels' vectorised loads assume of a tensor's start
+
+
 def load(path: str | os.PathLike, device: Any = None, dtype: Any = None):
     """Rebuild the model saved by ``vitlab.save``: its spec from the metadata, then its weights.
 
@@ -276,6 +280,9 @@ def load(path: str | os.PathLike, device: Any = None, dtype: Any = None):
         state = load_file(str(path), device="cpu")
     except Exception as exc:
         raise WeightsError(f"{path_label(path)}: cannot read the tensors ({exc})") from None
+    # a tensor at an unaligned offset of the file's buffer would run other (vectorised) kernel
+    # paths than the saved model's, and differ in the last bit: such tensors get their own memory
+    state = {k: t if t.data_ptr() % ALIGN == 0 else t.clone() for k, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     _materialize_buffers(model, spec)
     if device is not None or dtype is not None:

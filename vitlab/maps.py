@@ -5,7 +5,8 @@ whatever the recipe chose (qk-norm, RoPE from a plugin, windows, ...). Recording
 ``attention_maps``; the default forward stays on the fused kernel.
 
 Each block's map has that block's own token count N: in a staged model (PiT) or after token
-merging, N changes along the depth. ``record_attention`` also gives the grid each map lies on.
+merging, N changes along the depth. Class attention (CaiT, XCiT) has one query, the class token:
+its map is (B, heads, 1, N). ``record_attention`` also gives the grid each map lies on.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ class AttentionRecord:
     """One attention layer's map and where its tokens lie.
 
     Attributes:
-        map: (B, heads, N, N) probabilities, N counting prefix tokens.
+        map: (B, heads, N, N) probabilities, N counting prefix tokens ((B, heads, 1, N) for
+            class attention: only the class token queries).
         grid: the patch grid of the patch tokens, ``None`` when they left the grid (merged).
         num_prefix: class and register tokens leading the N.
         block_index: the block that ran it.
@@ -98,15 +100,15 @@ def record_attention(model: nn.Module, images: torch.Tensor) -> list[AttentionRe
 
 def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """Attention probabilities of every block, each (B, heads, N, N) with that block's own N
-    (class and register tokens counted). Rows sum to 1."""
+    (class and register tokens counted; (B, heads, 1, N) for class attention). Rows sum to 1."""
     return [r.map for r in record_attention(model, images)]
 
 
 def stages(maps: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of ``maps`` in runs of equal token count N: the spans rollout can compose."""
+    """Indices of ``maps`` in runs of equal shape (queries, token count N): the spans rollout can compose."""
     runs: list[list[int]] = []
     for i, m in enumerate(maps):
-        if runs and maps[runs[-1][-1]].shape[-1] == m.shape[-1]:
+        if runs and maps[runs[-1][-1]].shape[-2:] == m.shape[-2:]:
             runs[-1].append(i)
         else:
             runs.append([i])
@@ -145,6 +147,11 @@ def attention_rollout(
         runs = ", ".join(f"maps {r[0]}-{r[-1]}: N={maps[r[0]].shape[-1]}" for r in stages(maps))
         raise VitlabError(f"attention rollout composes maps of one token count, got N = {sizes} ({runs}); "
                           "roll out one stage at a time (vitlab.maps.stages gives the runs)")
+    odd = next((i for i, m in enumerate(maps) if m.shape[-2] != m.shape[-1]), None)
+    if odd is not None:
+        raise VitlabError(f"attention rollout composes square maps (every token queries), map {odd} is "
+                          f"{maps[odd].shape[-2]}x{maps[odd].shape[-1]}: class attention, where only the class token "
+                          "queries; roll out the self-attention blocks before it")
     if not 0.0 <= discard_ratio < 1.0:
         raise VitlabError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     B, _, N, _ = maps[0].shape

@@ -95,43 +95,42 @@ def _stand_ins() -> dict[str, Any]:
     return ops
 
 
-def _conv_on_meta(conv: nn.Module):
-    """A forward for a meta ``nn.Conv*`` that traces as its stand-in with the true shapes and
-    allocates nothing. (Running it on CPU zeros instead, as vitlab used to, allocates the output:
-    12.9 GB for 1 px patches of a 4096 px image.) The arguments are those ``F.conv*d`` passes."""
-    ops = _stand_ins()
-    nd = len(conv.kernel_size)
+class _MetaConvolutions(torch.overrides.TorchFunctionMode):
+    """Every convolution of meta tensors traced as its stand-in, with the true shapes, allocating
+    nothing. (Running it on CPU zeros instead, as vitlab used to, allocates the output: 12.9 GB for
+    1 px patches of a 4096 px image.) Caught at ``F.conv*d``, so a conv subclass with its own
+    forward (timm's ``StdConv2dSame``: SAME padding, standardised weights) keeps it; ``nn.Conv*``
+    with a non-zero ``padding_mode`` has padded before it gets here."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "meta":
-            return type(conv).forward(conv, x)
-        stride, dilation = list(conv.stride), list(conv.dilation)
-        if conv.padding_mode != "zeros":  # reflect / replicate / circular: padded first, as _conv_forward does
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = [0] * nd
-        else:
-            padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
+    CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+    ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        nd = self.CONVS.get(func)
+        if nd is None or not args[0].is_meta:
+            return func(*args, **kwargs)
+        a = {**dict(zip(self.ARGS, args)), **kwargs}
+        ops = _stand_ins()
+
+        def per_dim(v):
+            return [v] * nd if isinstance(v, int) else list(v)
+
+        stride, dilation, groups = per_dim(a.get("stride", 1)), per_dim(a.get("dilation", 1)), a.get("groups", 1)
+        padding = a.get("padding", 0)
         if isinstance(padding, str):
-            return ops["aten::_convolution_mode"](x, conv.weight, conv.bias, stride, padding, dilation, conv.groups)
+            return ops["aten::_convolution_mode"](a["input"], a["weight"], a.get("bias"), stride, padding, dilation,
+                                                  groups)
         # the backend flags: what F.conv*d passes on CPU (fvcore ignores them)
-        return ops["aten::_convolution"](x, conv.weight, conv.bias, stride, padding, dilation, False, [0] * nd,
-                                         conv.groups, False, False, True, True)
-
-    return forward
+        return ops["aten::_convolution"](a["input"], a["weight"], a.get("bias"), stride, per_dim(padding), dilation,
+                                         False, [0] * nd, groups, False, False, True, True)
 
 
 @contextlib.contextmanager
 def meta_convolutions(module: nn.Module) -> Iterator[None]:
-    patched = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.weight.device.type == "meta":
-            m.forward = _conv_on_meta(m)
-            patched.append(m)
-    try:
+    """While tracing ``module``: its convolutions on meta tensors as shape-only stand-ins."""
+    with _MetaConvolutions():
         yield
-    finally:
-        for m in patched:
-            del m.forward
 
 
 def _registry_for(module: nn.Module, registry: Registry | None) -> Registry:

@@ -83,8 +83,26 @@ def traced(result: tuple[torch.Tensor, ForwardState]) -> torch.Tensor | tuple[to
     attention bias computed in the embedding (or recomputed by a transition) feeds later blocks,
     not these tokens, and a trace would drop it as dead code; the full trace counts it."""
     x, state = result
-    extra = tuple(t for t in (state.attn_bias, state.token_weights) if isinstance(t, torch.Tensor))
+    extra = tuple(t for t in (state.attn_bias, state.token_weights, *_closed_over(state.qk_transform))
+                  if isinstance(t, torch.Tensor))
     return (x, *extra) if extra else x
+
+
+def _closed_over(fn, depth: int = 3) -> tuple:
+    """The tensors a q/k transform closes over, through the functions it calls (RoPE's sin / cos
+    tables, computed once in the embedding for every block): returned by the piece that made them,
+    so the trace keeps their cost."""
+    out: tuple = ()
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not filled yet (a name bound later in its function)
+            continue
+        if isinstance(value, torch.Tensor):
+            out += (value,)
+        elif callable(value) and depth > 1:
+            out += _closed_over(value, depth - 1)
+    return out
 
 
 def _renamer(renames: dict[str, str]) -> Callable[[str], str]:

@@ -107,8 +107,13 @@ def attention(recipe, image_path, weights, layer, head, rollout, head_fusion, di
 
     depth = len(records)
     if rollout:
-        # rollout composes maps of one token count: the last stage (run of equal N) that ends the model
-        run = stages([r.map for r in records])[-1]
+        # rollout composes square maps of one token count: the last such run (a stage); a class
+        # attention stage's (1 x N) maps come after it and cannot be composed
+        runs = [run for run in stages([r.map for r in records]) if records[run[0]].map.shape[-2] == records[run[0]].map.shape[-1]]
+        if not runs:
+            raise VitlabError("no block attends token to token (every map has fewer queries than keys): "
+                              "nothing to roll out; draw single-layer maps without --rollout")
+        run = runs[-1]
         last = records[run[-1]]
         rolled = attention_rollout([records[i].map for i in run], head_fusion, discard_ratio)
         span = "" if len(run) == depth else f", blocks {run[0]}-{run[-1]} (stage {last.stage_index})"
