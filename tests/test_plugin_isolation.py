@@ -296,7 +296,7 @@ def test_misspelled_hook_is_that_plugins_failure_when_lenient(with_good):
     pm, reg = lenient()
     [failure] = reg.failures
     assert failure.reason == ("unknown hook 'vitlab_register_component'; did you mean 'vitlab_register_components'? "
-                              "known: vitlab_flop_handles, vitlab_register_components")
+                              "known: vitlab_flop_handles, vitlab_register_components, vitlab_timm_equivalents")
     assert_only_good_loaded(pm, reg)
 
 

@@ -40,6 +40,7 @@ _LAZY = {
     "timm_kwargs": ".timm_interop",
     "to_timm_state_dict": ".timm_interop",
     "timm_class": ".timm_interop",
+    "TimmEquivalent": ".timm_interop.equivalents",
     "save": ".checkpoint",
     "load": ".checkpoint",
     "attention_maps": ".maps",

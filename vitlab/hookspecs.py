@@ -56,3 +56,19 @@ def vitlab_flop_handles(register: Callable[..., None]) -> None:
     plugins may declare the same operator (a warning names both when they may disagree). An
     operator that is neither counted nor free shows up in a report's ``unsupported`` list.
     """
+
+
+@hookspec
+def vitlab_timm_equivalents(register: Callable[[object], None]) -> None:
+    """Declare the timm module each of your components is read from and written back as, so
+    ``spec_from_timm``, ``load_timm_weights``, ``timm_kwargs`` and ``to_timm_state_dict`` handle
+    it inside timm's ``VisionTransformer`` (see ``vitlab.timm_interop.equivalents``).
+
+    Args:
+        register: takes a ``vitlab.TimmEquivalent`` for an attention, MLP or block component this
+            same plugin registers.
+
+    Returns nothing; called once per plugin when the registry is built, after
+    ``vitlab_register_components``. A bad declaration, one for another plugin's component, or a
+    timm class another plugin already claimed makes the plugin fail as a whole, like a bad component.
+    """

@@ -146,6 +146,7 @@ class _Stage:
         self.provider = provider
         self.components: list[ComponentInfo] = []
         self.ops: list[OpRule] = []
+        self.equivalents: list = []  # TimmEquivalent, checked
         self.names: list[tuple[str, str]] = []  # every (kind, name) it tried, valid or not
         self.problems: list[str] = []
         self.open = True
@@ -167,6 +168,15 @@ class _Stage:
         self._check_open()
         try:
             self.ops.append(check_op(op, self.provider, flops=flops, activations=activations, free=free))
+        except PluginError as exc:
+            self.problems.append(str(exc))
+
+    def equivalent(self, eq: Any) -> None:
+        from .timm_interop.equivalents import check_equivalent
+
+        self._check_open()
+        try:
+            self.equivalents.append(check_equivalent(eq, self.provider))
         except PluginError as exc:
             self.problems.append(str(exc))
 
@@ -251,7 +261,8 @@ class _Loader:
         """Call the plugin's hooks and commit what it registered, or record why it failed."""
         plugin = self.pm.get_plugin(info.name)
         stage = _Stage(info.distribution)
-        hooks = ((self.pm.hook.vitlab_register_components, stage.component), (self.pm.hook.vitlab_flop_handles, stage.op))
+        hooks = ((self.pm.hook.vitlab_register_components, stage.component), (self.pm.hook.vitlab_flop_handles, stage.op),
+                 (self.pm.hook.vitlab_timm_equivalents, stage.equivalent))
         try:
             for hook, register in hooks:
                 for impl in hook.get_hookimpls():
@@ -271,7 +282,8 @@ class _Loader:
         try:
             if stage.problems:
                 raise PluginError("; ".join(stage.problems))
-            self.registry.commit(stage.components, stage.ops, allow_ambiguous=not self.strict)
+            self.registry.commit(stage.components, stage.ops, allow_ambiguous=not self.strict,
+                                 equivalents=stage.equivalents)
         except PluginError as exc:
             self.drop(plugin)
             self.fail(info, skip, str(exc), names=stage.names, complete=True)

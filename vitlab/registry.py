@@ -290,6 +290,8 @@ class Registry:
         # the first declaration (built-ins load first); see ``analysis.handles`` for fvcore's place
         self.op_rules: dict[str, OpRule] = {}
         self.op_declarations: dict[str, list[OpRule]] = {}  # op -> every declaration, in load order
+        # (kind, name) -> the plugin-declared timm twin of that component (``vitlab_timm_equivalents``)
+        self.timm_equivalents: dict[tuple[str, str], Any] = {}
         self._warned = False  # ``plugins.report_failures`` prints each registry's warnings once
 
     # --- filling ----------------------------------------------------------------------------------
@@ -312,7 +314,8 @@ class Registry:
         self.commit([], [rule])
         return rule
 
-    def commit(self, components: list[ComponentInfo], ops: list[OpRule], *, allow_ambiguous: bool = False) -> None:
+    def commit(self, components: list[ComponentInfo], ops: list[OpRule], *, allow_ambiguous: bool = False,
+               equivalents: list = ()) -> None:
         """Add one plugin's checked components and operator rules, or nothing (``PluginError``).
 
         Refused: a name the plugin registers twice, a built-in name, and (unless
@@ -345,6 +348,14 @@ class Registry:
             if rule.op in declared:
                 raise PluginError(f"declared FLOPs of {rule.op} twice")
             declared.add(rule.op)
+        claimed = {eq.timm_type: eq for eq in self.timm_equivalents.values()}
+        for eq in equivalents:
+            if (eq.kind, eq.name) not in seen:
+                raise PluginError(f"declared a timm equivalent for {eq.kind} '{eq.name}', which it does not register")
+            if (other := claimed.get(eq.timm_type)) is not None:
+                raise PluginError(f"{eq.timm_type.__qualname__} is already the timm equivalent of {other.kind} "
+                                  f"'{other.name}' (plugin '{other.provider}')")
+            claimed[eq.timm_type] = eq
         for info in components:
             key = (info.kind, info.name)
             if key in self._ambiguous:
@@ -357,6 +368,14 @@ class Registry:
         for rule in ops:
             self.op_declarations.setdefault(rule.op, []).append(rule)
             self.op_rules.setdefault(rule.op, rule)
+        for eq in equivalents:
+            self.timm_equivalents[(eq.kind, eq.name)] = eq
+
+    def timm_equivalent(self, kind: str, module: Any):
+        """The plugin-declared timm twin ``module`` is an instance of (the plugin's own class, or
+        the subclass ``timm_kwargs`` makes to bind its arguments), or ``None``."""
+        return next((eq for eq in self.timm_equivalents.values()
+                     if eq.kind == kind and isinstance(module, eq.timm_type)), None)
 
     # --- reading ------------------------------------------------------------------------------------
 

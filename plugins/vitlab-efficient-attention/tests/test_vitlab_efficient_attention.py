@@ -108,3 +108,66 @@ def test_recipes_build_and_run():
         assert spec.attention.name == attention
         with torch.no_grad():
             assert vitlab.build_model(spec, seed=0).eval()(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_timm_round_trip_through_the_declared_equivalent():
+    """The plugin's ``vitlab_timm_equivalents`` declaration: timm_kwargs builds timm's own
+    VisionTransformer with ``TimmLinearAttention`` in every block, its outputs equal vitlab's after
+    to_timm_state_dict, and spec_from_timm reads that timm model back to the same spec. The
+    reference is timm's model running the twin module, an independent implementation."""
+    pytest.importorskip("timm")
+    from vitlab.timm_interop import load_timm_weights, spec_from_timm, timm_class, timm_kwargs, to_timm_state_dict
+    from vitlab_efficient_attention import TimmLinearAttention
+
+    spec = vitlab.load_spec({**TINY, "attention": {"name": "linear", "params": {"eps": 1e-5, "qk_norm": True}}})
+    model = vitlab.build_model(spec, seed=0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tm = timm_class(spec)(**timm_kwargs(spec)).eval()
+    assert all(isinstance(b.attn, TimmLinearAttention) and b.attn.eps == 1e-5 for b in tm.blocks)
+    tm.load_state_dict(to_timm_state_dict(model), strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(x), tm(x)
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    back = spec_from_timm(tm)
+    assert back.model_dump(exclude={"name"}) == spec.model_dump(exclude={"name"})
+    again = vitlab.build_model(back)
+    assert load_timm_weights(again, tm).ok
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), ours)
+
+
+def test_equivalent_for_a_component_it_does_not_register_fails_the_plugin():
+    class Twin(torch.nn.Module):
+        pass
+
+    class Bad:
+        @vitlab.hookimpl
+        def vitlab_timm_equivalents(register):
+            register(vitlab.TimmEquivalent(kind="attention", name="mhsa", timm_type=Twin, read=dict,
+                                           layer=lambda p: None))
+
+    _, registry = vitlab.make_plugin_manager(entry_points=False, plugins=[("bad", Bad)], strict=False)
+    (failure,) = registry.failures
+    assert "does not register" in failure.message() and ("attention", "mhsa") not in registry.timm_equivalents
+
+
+def test_equivalent_claiming_a_timm_class_fails_the_plugin():
+    """A twin must be the plugin's own class: claiming timm's Attention would take over every ViT."""
+    from timm.layers import Attention
+
+    class Greedy:
+        @vitlab.hookimpl
+        def vitlab_register_components(register):
+            register(type("Mine", (LinearAttention,), {"name": "mine"}))
+
+        @vitlab.hookimpl
+        def vitlab_timm_equivalents(register):
+            register(vitlab.TimmEquivalent(kind="attention", name="mine", timm_type=Attention, read=dict,
+                                           layer=lambda p: Attention))
+
+    _, registry = vitlab.make_plugin_manager(entry_points=False, plugins=[("greedy", Greedy)], strict=False)
+    (failure,) = registry.failures
+    assert "the plugin's own class" in failure.message() and ("attention", "mine") not in registry
