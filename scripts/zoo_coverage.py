@@ -1,4 +1,4 @@
-"""Print how much of timm's isotropic ViT zoo ``vitlab.spec_from_timm`` reads, per timm module,
+"""Print how much of timm's isotropic ViT zoo ``vitlab.spec_from_timm`` reads and writes back, per timm module,
 as the Markdown table of the README's timm section.
 
     python scripts/zoo_coverage.py                 # the table
@@ -6,7 +6,9 @@ as the Markdown table of the README's timm section.
     python scripts/zoo_coverage.py eva beit        # only these families
 
 Every model is built with ``pretrained=False`` on the meta device: nothing is downloaded or allocated.
-Exits 1 when reading any model crashes instead of being refused with a vitlab error.
+Each model read is also sent back to timm (``timm_class(spec)(**timm_kwargs(spec))`` on meta) and
+read again: the *back to timm* column counts those giving the same spec. Exits 1 when reading or
+exporting any model crashes instead of being refused with a vitlab error.
 """
 from __future__ import annotations
 
@@ -31,14 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     with use_registry(make_plugin_manager(entry_points=False)[1]):  # vitlab's built-ins, not what is installed
         table = zoo.coverage(args.families or None)
     print(zoo.markdown(table))
-    crashes = [o for cov in table for o in cov.outcomes if o.kind == "crash"]
+    crashes = [o for cov in table for o in cov.outcomes
+               if o.kind == "crash" or o.export_reason.startswith("crash")]
     if args.refusals or crashes:
         for cov in table:
             by_reason: dict[str, list[str]] = defaultdict(list)
             for o in cov.outcomes:
                 if o.kind != "read":
                     by_reason[f"[{o.kind}] {o.reason}"].append(o.name)
-            if by_reason and (args.refusals or any(r.startswith("[crash]") for r in by_reason)):
+                elif not o.exported:
+                    kind = "export crash" if o.export_reason.startswith("crash") else "not exported"
+                    by_reason[f"[{kind}] {o.export_reason}"].append(o.name)
+            if by_reason and (args.refusals or any("crash]" in r for r in by_reason)):
                 print(f"\n### {cov.family}")
                 for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
                     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")

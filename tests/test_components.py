@@ -50,11 +50,22 @@ INERT: dict[tuple[str, str, str], str] = {
     ("pos_embed", "rope", "normalize_coords"): "the test's 4x4 grid is square (and the axial variant ignores it)",
     ("patch_embed", "conv", "pad"): _NOTHING_TO_PAD,
     ("patch_embed", "linear", "pad"): _NOTHING_TO_PAD,
+    ("patch_embed", "naflex", "pad"): _NOTHING_TO_PAD,
+    ("patch_embed", "linear_pixnorm", "pad"): _NOTHING_TO_PAD,
+    ("pos_embed", "naflex", "ar_preserving"): "the test's 4x4 grid is square: the square of its longer side is itself",
 }
 # Params a switch needs before it can show, given to both builds (default and flipped).
 PROBES: dict[tuple[str, str, str], dict] = {
     ("pool", "map", "reduce"): {"latent_len": 2},  # with one latent, the first latent is the mean
     ("pos_embed", "rope", "include_prefix"): {"learned": True},  # which tokens the learned table covers
+    ("block", "prenorm", "attn_only_layer_scale"): {"init_values": 0.1},  # which branches the layer scale covers
+}
+
+
+# Model-level settings a switch needs before it can build, given to both builds.
+MODEL_PROBES: dict[tuple[str, str, str], dict] = {
+    # without its projection, the stem's feature map is the tokens: 4 px per token, 64 wide
+    ("patch_embed", "hybrid", "proj"): {"patch_size": 4, "embed_dim": 64, "num_heads": 2},
 }
 
 
@@ -74,9 +85,14 @@ def spec_selecting(kind: str, name: str, params: dict | None = None, **extra):
     pytest.fail(f"no tiny spec selecting {kind} '{name}' validates; add it to COMPAT:\n" + "\n".join(errors))
 
 
+# Token-keeping pools that merge the patch grid into cells: their tokens out, written out for the
+# tiny 4 x 4 grid (2 x 2 cells of the default k = 2; prefix tokens dropped)
+CELL_POOL_TOKENS = {"unshuffle_mlp": 4, "cell_avg": 4}
+
+
 def expected_shape(model, batch: int = 2):
     spec = model.spec
-    n = spec.num_prefix_tokens + TINY_PATCHES
+    n = CELL_POOL_TOKENS.get(spec.pool.name, spec.num_prefix_tokens + TINY_PATCHES)
     width = spec.num_classes or spec.embed_dim
     return (batch, n, width) if type(model.pool).keeps_tokens else (batch, width)
 
@@ -158,9 +174,9 @@ def test_component_param_variant(kind, name, field, value):
     """The flipped switch builds and runs, and changes what the model is: its state dict (keys or
     shapes), or its outputs for the same seed and input. The reference is the same component with
     the switch at its default, built the same way."""
-    probe = PROBES.get((kind, name, field), {})
-    default = spec_selecting(kind, name, probe)
-    spec = spec_selecting(kind, name, {**probe, field: value})
+    probe, model_probe = PROBES.get((kind, name, field), {}), MODEL_PROBES.get((kind, name, field), {})
+    default = spec_selecting(kind, name, probe, **model_probe)
+    spec = spec_selecting(kind, name, {**probe, field: value}, **model_probe)
     assert spec.selection(kind).params[field] == value
     expected_spec = default.to_dict()
     expected_spec[kind]["params"][field] = value

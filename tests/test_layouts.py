@@ -20,7 +20,7 @@ from vitlab import build_model  # noqa: E402
 from vitlab.errors import WeightsError  # noqa: E402
 from vitlab.timm_interop import load_timm_weights, spec_from_timm  # noqa: E402
 from vitlab.timm_interop.layouts import layout_of  # noqa: E402
-from timm_reference import assert_close, images, outputs, randomize  # noqa: E402
+from timm_reference import assert_close, assert_outputs_match_timm, randomize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
 
@@ -28,13 +28,8 @@ SMALL = dict(depth=2, embed_dim=64, num_heads=2, img_size=64)
 
 
 def _check(tm, ckpt, *, note: str):
-    spec = spec_from_timm(tm)
-    model = build_model(spec)
-    report = load_timm_weights(model, ckpt)
-    assert report.ok, str(report)
+    _, report = assert_outputs_match_timm(tm, weights=ckpt)
     assert any(note in n for n in report.notes), report.notes
-    x = images(spec)
-    assert_close(outputs(model, x), outputs(tm, x))
     return report
 
 
@@ -181,3 +176,51 @@ def test_flexivit_patch_kernel_resampling():
         theirs = F.conv2d(x, tm.patch_embed.proj.weight).flatten(1)
         ours = F.conv2d(up, model.patch_embed.proj.weight).flatten(1)
     assert_close(ours, theirs)
+
+
+def test_sam_original_layout():
+    """Segment Anything's own checkpoint: the image encoder under ``image_encoder.``, its MLP as
+    ``lin1`` / ``lin2``, beside prompt-encoder and mask-decoder tensors that are not ours."""
+    tm = randomize(timm.create_model("samvit_base_patch16", pretrained=False, embed_dim=64, num_heads=2, depth=2,
+                                     img_size=64, window_size=2, global_attn_indexes=[1], neck_chans=32)).eval()
+    sd = {"image_encoder." + k.replace("mlp.fc", "mlp.lin"): v.detach().clone() for k, v in tm.state_dict().items()}
+    sd["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.zeros(2, 8)
+    sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 8)
+    _check(tm, sd, note="SAM layout, converted by timm's timm.models.vision_transformer_sam")
+
+
+def test_xcit_original_layout():
+    """facebookresearch/xcit's checkpoint: ``pos_embeder`` and one fused ``qkv`` in each class
+    attention block (timm keeps q, k, v apart), wrapped in ``{"model": ...}``."""
+    tm = randomize(timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=1, img_size=64)).eval()
+    sd = {k.replace("pos_embed.", "pos_embeder."): v.detach().clone() for k, v in tm.state_dict().items()}
+    for i in range(len(tm.cls_attn_blocks)):
+        p = f"cls_attn_blocks.{i}.attn."
+        for kind in ("weight", "bias"):
+            sd[f"{p}qkv.{kind}"] = torch.cat([sd.pop(f"{p}{n}.{kind}") for n in "qkv"])
+    _check(tm, {"model": sd}, note="XCiT original layout")
+
+
+def test_open_clip_layout_with_a_timm_trunk():
+    """open_clip's ``TimmModel`` tower: timm's own names under ``visual.trunk.``, beside the text
+    tower's tensors."""
+    tm = randomize(timm.create_model("vit_base_patch16_clip_224", pretrained=False, **SMALL, num_classes=0)).eval()
+    sd = {"visual.trunk." + k: v.detach().clone() for k, v in tm.state_dict().items()}
+    sd["text.token_embedding.weight"] = torch.zeros(10, 8)
+    sd["logit_scale"] = torch.tensor(4.6)
+    _check(tm, sd, note="open_clip layout")
+
+
+def test_dinov3_original_layout():
+    """DINOv3's own checkpoint: ``storage_tokens`` for the registers, ``ls1`` / ``ls2`` layer
+    scales, a pretraining ``mask_token`` and the RoPE ``periods`` buffer (recomputed, not loaded)."""
+    tm = randomize(timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=2, img_size=64)).eval()
+    names = {"reg_token": "storage_tokens", "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"}
+    sd = {}
+    for k, v in tm.state_dict().items():
+        for timm_name, original in names.items():
+            k = k.replace(timm_name, original)
+        sd[k] = v.detach().clone()
+    sd["mask_token"] = torch.zeros(1, tm.embed_dim)
+    sd["rope_embed.periods"] = torch.ones(16)
+    _check(tm, sd, note="DINOv3 layout, converted by timm's timm.models.eva")

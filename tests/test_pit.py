@@ -9,7 +9,6 @@ biases cannot hide a wrong mapping.
 from __future__ import annotations
 
 import pytest
-import torch
 
 timm = pytest.importorskip("timm")
 
@@ -18,7 +17,8 @@ from timm.models.pit import PoolingVisionTransformer  # noqa: E402
 import vitlab  # noqa: E402
 from vitlab import SpecError, WeightsError, build_model, load_spec  # noqa: E402
 from vitlab.timm_interop import load_timm_weights, spec_from_timm, timm_kwargs, to_timm_state_dict  # noqa: E402
-from timm_reference import assert_close, fvcore_flops, images, outputs, randomize  # noqa: E402
+from timm_reference import assert_close, assert_flops_match_fvcore, assert_outputs_match_timm  # noqa: E402
+from timm_reference import assert_round_trip, fvcore_flops, images, outputs, randomize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
 
@@ -66,15 +66,9 @@ def test_spec_of_every_pit_model(name):
 
 @pytest.mark.parametrize("name", COMPARED)
 def test_outputs_match_timm(name):
-    tm = timm_pit(name)
-    spec = spec_from_timm(tm)
-    model = build_model(spec)
-    report = load_timm_weights(model, tm.state_dict())
-    assert report.ok, str(report)
+    _, report = assert_outputs_match_timm(timm_pit(name))
     converted = ["cls_token", "pos_embed.weight", "reg_token"] if "distilled" in name else ["pos_embed.weight"]
     assert sorted(report.converted) == converted and not report.resampled
-    x = images(spec)
-    assert_close(outputs(model, x), outputs(tm, x))
 
 
 def test_weights_from_a_safetensors_file(tmp_path):
@@ -82,43 +76,26 @@ def test_weights_from_a_safetensors_file(tmp_path):
 
     tm = timm_pit("pit_xs_distilled_224", img_size=96)
     save_file({k: v.contiguous() for k, v in tm.state_dict().items()}, str(tmp_path / "pit.safetensors"))
-    spec = spec_from_timm(tm)
-    model = build_model(spec)
-    assert load_timm_weights(model, tmp_path / "pit.safetensors").ok
-    x = images(spec)
-    assert_close(outputs(model, x), outputs(tm, x))
+    assert_outputs_match_timm(tm, weights=tmp_path / "pit.safetensors")
 
 
 @pytest.mark.parametrize("name", COMPARED)
 def test_flops_equal_fvcore_on_timm(name):
-    spec = spec_from_timm(name)
-    full = vitlab.analyze(spec, method="full")
-    assert full.flops == fvcore_flops(name)
-    assert full.unsupported == {}
+    spec, full, _ = assert_flops_match_fvcore(name, rtol=0)  # equal, at 224 px
     assert vitlab.analyze(spec, method="derived").flops == full.flops
 
 
 @pytest.mark.parametrize("name", ["pit_ti_224", "pit_ti_distilled_224"])
 def test_round_trip_through_timm(name):
-    spec = spec_from_timm(name)
-    model = randomize(build_model(spec, seed=0)).eval()
-    tm = PoolingVisionTransformer(**timm_kwargs(spec)).eval()
-    tm.load_state_dict(to_timm_state_dict(model), strict=True)
-    x = images(spec)
-    assert_close(outputs(tm, x), outputs(model, x))
-    assert spec_from_timm(tm).model_dump(exclude={"name"}) == spec.model_dump(exclude={"name"})
+    assert_round_trip(spec_from_timm(name), timm_cls=PoolingVisionTransformer)
 
 
 def test_non_square_images_and_cropping_stride():
     """A 100 x 83 image: the stride-8 patch grid crops (11 x 9), odd grids pool to 6 x 5 and 3 x 3."""
     tm = timm_pit("pit_ti_224", img_size=(100, 83), num_classes=7)
-    spec = spec_from_timm(tm)
-    assert spec.img_size == (100, 83)
-    model = build_model(spec)
-    assert load_timm_weights(model, tm).ok
+    model, _ = assert_outputs_match_timm(tm, weights=tm)
+    assert model.spec.img_size == (100, 83)
     assert model.stage_grids == [(11, 9), (6, 5), (3, 3)]
-    x = images(spec)
-    assert_close(outputs(model, x), outputs(tm, x))
 
 
 # --- the bundled recipe --------------------------------------------------------------------------

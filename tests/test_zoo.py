@@ -16,15 +16,10 @@ timm = pytest.importorskip("timm")
 
 import vitlab  # noqa: E402
 from vitlab import SpecError, build_model  # noqa: E402
-from vitlab.timm_interop import (  # noqa: E402
-    load_timm_weights,
-    spec_from_timm,
-    timm_class,
-    timm_kwargs,
-    to_timm_state_dict,
-)
-from vitlab.timm_interop import zoo  # noqa: E402
-from timm_reference import assert_close, fvcore_flops, images, outputs, randomize  # noqa: E402
+from vitlab.timm_interop import load_timm_weights, spec_from_timm, timm_kwargs, zoo  # noqa: E402
+from timm_reference import assert_close, assert_derived_equals_full, assert_family_reads  # noqa: E402
+from timm_reference import assert_flops_match_fvcore, assert_outputs_match_timm  # noqa: E402
+from timm_reference import assert_round_trip, outputs, randomize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
 
@@ -35,18 +30,15 @@ pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
 REFUSED = {
     "beit": {},
     "deit": {},
-    "eva": {"RotaryEmbeddingMixed": 6, "attn_only_layer_scale": 5},
+    "eva": {},
+    "vision_transformer": {},
     "vision_transformer_relpos": {},
 }
 
 
 @pytest.mark.parametrize("family", sorted(REFUSED))
 def test_family_reads_all_but_the_named_refusals(family):
-    (cov,) = zoo.coverage([family])
-    refused = [o for o in cov.outcomes if o.kind != "read"]
-    assert all(o.kind == "refused" for o in refused), [(o.name, o.kind, o.reason) for o in refused]
-    counts = {key: sum(key in o.reason for o in refused) for key in REFUSED[family]}
-    assert counts == REFUSED[family] and sum(counts.values()) == len(refused), [o.reason for o in refused]
+    assert_family_reads(family, REFUSED[family])
 
 
 def test_vision_transformer_family_reads_beit3_and_cropping_siglip():
@@ -109,24 +101,15 @@ COMPARED = {  # name -> create_model kwargs (full size where a forward is fast)
 
 @pytest.mark.parametrize("name", COMPARED)
 def test_outputs_match_timm(name):
-    tm = randomize(timm.create_model(name, pretrained=False, **COMPARED[name])).eval()
-    spec = spec_from_timm(tm)
-    model = build_model(spec)
-    report = load_timm_weights(model, tm.state_dict())
-    assert report.ok, str(report)
-    x = images(spec)
-    assert_close(outputs(model, x), outputs(tm, x))
+    assert_outputs_match_timm(randomize(timm.create_model(name, pretrained=False, **COMPARED[name])).eval())
 
 
 def test_dinov3_at_other_image_sizes():
     """DINOv3 reads dynamic_img_size: RoPE recomputed for the new grid, as timm does."""
     tm = randomize(timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=1, img_size=64)).eval()
-    spec = spec_from_timm(tm)
-    assert spec.dynamic_img_size
-    model = build_model(spec)
-    assert load_timm_weights(model, tm).ok
-    x = torch.randn(1, 3, 80, 48, generator=torch.Generator().manual_seed(2))
-    assert_close(outputs(model, x), outputs(tm, x))
+    other = torch.randn(1, 3, 80, 48, generator=torch.Generator().manual_seed(2))
+    model, _ = assert_outputs_match_timm(tm, weights=tm, inputs=lambda spec: other)
+    assert model.spec.dynamic_img_size
 
 
 def test_eva_weights_are_fused_and_renamed():
@@ -205,11 +188,7 @@ FLOPS = {
 
 @pytest.mark.parametrize("name", FLOPS)
 def test_flops_equal_fvcore_on_timm(name):
-    spec = spec_from_timm(name, **FLOPS[name])
-    full = vitlab.analyze(spec, method="full")
-    theirs = fvcore_flops(name, spec.img_hw, **FLOPS[name])
-    assert abs(full.flops - theirs) <= 0.005 * theirs, (full.flops, theirs)
-    assert full.unsupported == {}
+    assert_flops_match_fvcore(name, **FLOPS[name])
 
 
 @pytest.mark.parametrize("name, kw", [
@@ -219,12 +198,7 @@ def test_flops_equal_fvcore_on_timm(name):
     ("vit_srelpos_small_patch16_224", dict(depth=2, img_size=64)),  # a bias computed once, in the embedding
 ])
 def test_derived_equals_full(name, kw):
-    spec = spec_from_timm(name, **kw)
-    full, derived = vitlab.analyze(spec, method="full"), vitlab.analyze(spec, method="derived")
-    assert derived.derived and not full.derived
-    drop = ("derived", "derivation", "method", "device")
-    assert ({k: v for k, v in derived.to_dict().items() if k not in drop}
-            == {k: v for k, v in full.to_dict().items() if k not in drop})
+    assert_derived_equals_full(spec_from_timm(name, **kw))
 
 
 # --- back to timm ----------------------------------------------------------------------------------
@@ -235,13 +209,7 @@ def test_derived_equals_full(name, kw):
     ("beit3_base_patch16_224", dict(SMALL, img_size=64)),
 ])
 def test_round_trip_through_timm(name, kw):
-    spec = spec_from_timm(name, **kw)
-    model = randomize(build_model(spec, seed=0)).eval()
-    tm = timm_class(spec)(**timm_kwargs(spec)).eval()
-    tm.load_state_dict(to_timm_state_dict(model), strict=True)
-    x = images(spec)
-    assert_close(outputs(tm, x), outputs(model, x))
-    assert spec_from_timm(tm).model_dump(exclude={"name"}) == spec.model_dump(exclude={"name"})
+    assert_round_trip(spec_from_timm(name, **kw))
 
 
 def test_distilled_export_refuses_what_deit_cannot_hold():
@@ -250,15 +218,3 @@ def test_distilled_export_refuses_what_deit_cannot_hold():
     data["pos_embed"] = {"name": "learned", "params": {"include_prefix": False}}
     with pytest.raises(SpecError, match="distillation token without its position row"):
         timm_kwargs(data)
-
-
-def test_beit_export_is_refused_by_name():
-    spec = spec_from_timm("beit_base_patch16_224", depth=1, img_size=64)
-    with pytest.raises(SpecError, match="attention 'mhsa_relpos'"):
-        timm_kwargs(spec)
-
-
-def test_eva_export_is_refused_by_name():
-    spec = spec_from_timm("eva02_tiny_patch14_224", depth=1)
-    with pytest.raises(SpecError, match="position encoding 'rope'"):
-        timm_kwargs(spec)

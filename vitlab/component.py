@@ -208,7 +208,8 @@ class Transition(Component):
     (B, P + N', D_out), and may change the patch grid, the width and the number of tokens.
 
     Built with the context of the stage it leads into (``embed_dim``, ``num_heads``) plus
-    ``ctx.in_dim`` (the previous stage's width) and ``ctx.grid_size`` (the grid it receives).
+    ``ctx.in_dim`` (the previous stage's width), ``ctx.grid_size`` (the grid it receives) and the
+    prefix tokens it receives (``ctx.class_token``, ``ctx.reg_tokens``).
     ``forward(x, state)`` returns ``(tokens, state.regrid(new_grid))``.
     """
 
@@ -218,6 +219,12 @@ class Transition(Component):
     def out_grid(cls, grid: tuple[int, int], params: Any) -> tuple[int, int]:
         """The grid this transition produces from ``grid`` (checked at validation time)."""
         return tuple(grid)
+
+    @classmethod
+    def out_prefix(cls, class_token: bool, reg_tokens: int, params: Any) -> tuple[bool, int]:
+        """The prefix tokens ``(class token, register tokens)`` leading what this transition
+        produces from those it receives (CaiT's ``class_token`` adds one); the default keeps them."""
+        return class_token, reg_tokens
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> tuple[torch.Tensor, ForwardState]:
         raise NotImplementedError

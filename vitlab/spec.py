@@ -328,27 +328,30 @@ class ViTSpec(BaseModel):
         return plans
 
     def stage_contexts(self, registry: Registry | None = None, **alloc: Any) -> list[BuildContext]:
-        """The build context of each stage: its width, heads and the grid it runs on (the patch
-        embedder's for the first, each transition's ``out_grid`` after). Raises ``ValueError``
-        when a grid does not fit."""
+        """The build context of each stage: its width, heads, the grid it runs on (the patch
+        embedder's for the first, each transition's ``out_grid`` after) and its prefix tokens
+        (each transition's ``out_prefix``). Raises ``ValueError`` when a grid does not fit."""
         registry = registry if registry is not None else _registry(None)
         plans = self.stage_plans()
         contexts = [self.build_context(registry, **alloc)]  # the first stage's sizes
         for plan in plans[1:]:
             cls = registry.get("transition", plan.transition.name).cls
-            grid = tuple(cls.out_grid(contexts[-1].grid_size, cls.Params.model_validate(plan.transition.params)))
+            params, prev = cls.Params.model_validate(plan.transition.params), contexts[-1]
+            grid = tuple(cls.out_grid(prev.grid_size, params))
             if min(grid) < 1:
                 raise ValueError(f"stage {plan.index} would have an empty {grid[0]}x{grid[1]} patch grid")
-            contexts.append(contexts[-1].replace(
+            class_token, reg_tokens = cls.out_prefix(prev.class_token, prev.reg_tokens, params)
+            contexts.append(prev.replace(
                 embed_dim=plan.embed_dim, num_heads=plan.num_heads, grid_size=grid, stage_index=plan.index,
-                mlp_hidden_dim=int(plan.embed_dim * self.mlp_ratio)))
+                mlp_hidden_dim=int(plan.embed_dim * self.mlp_ratio), class_token=class_token, reg_tokens=reg_tokens))
         return contexts
 
     def transition_context(self, contexts: list[BuildContext], stage: int) -> BuildContext:
         """A transition is built with the context of the stage it leads into, the previous
-        stage's width as ``in_dim`` and the grid it receives."""
+        stage's width as ``in_dim`` and the grid and prefix tokens it receives."""
         prev = contexts[stage - 1]
-        return contexts[stage].replace(in_dim=prev.embed_dim, grid_size=prev.grid_size)
+        return contexts[stage].replace(in_dim=prev.embed_dim, grid_size=prev.grid_size,
+                                       class_token=prev.class_token, reg_tokens=prev.reg_tokens)
 
     def build_context(self, registry: Registry | None = None, **alloc: Any) -> BuildContext:
         """The sizes of the model's input side (its first stage); see ``stage_contexts`` for all.

@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .component import PosEncoding
 
 # (q, k) -> (q, k), both (B, heads, N, head_dim): how a position encoding acts inside attention.
+# A transform that differs per block (RoPE with learned per-block frequencies) has an attribute
+# ``per_block = True`` and is called as ``transform(q, k, block_index=i)`` (``transform_qk`` does).
 QKTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -101,8 +103,12 @@ class ForwardState:
         return state.with_positions()
 
     def transform_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply the position encoding's q/k transform (identity when there is none)."""
-        return (q, k) if self.qk_transform is None else self.qk_transform(q, k)
+        """Apply the position encoding's q/k transform (identity when there is none); one that
+        differs per block is handed this state's ``block_index``."""
+        t = self.qk_transform
+        if t is None:
+            return q, k
+        return t(q, k, block_index=self.block_index) if getattr(t, "per_block", False) else t(q, k)
 
     def check_tokens(self, x: torch.Tensor, who: str) -> None:
         """Raise ``ValueError`` naming ``who`` when ``x`` (B, N, D) does not hold this state's tokens."""

@@ -68,6 +68,17 @@ FREE_OPS: dict[str, str] = {
     "aten::feature_dropout": _MEM,
     "aten::alias": _MEM,
     "aten::lift_fresh": _MEM,
+    "aten::sum": "a sum of a few parameter products (differential attention's λ): additions only",
+    # XCiT's cross-covariance attention L2-normalises queries and keys (``F.normalize``)
+    "aten::linalg_vector_norm": "vector norm (XCA's L2-normalised queries and keys): squares and a sum, "
+                                "no handle in fvcore, which counts timm's XCA with it at 0 too",
+    "aten::clamp_min": "elementwise floor (against dividing by a zero norm), as fvcore ignores aten::clamp",
+    "aten::expand_as": _MEM,
+    # hybrid CNN stems (timm's ResNetV2 / ResNet-D / StdConv2dSame inside ``patch_embed: hybrid``)
+    "aten::max_pool2d": "max pooling (a CNN stem's): comparisons, not multiply-adds; fvcore does not count it",
+    "aten::avg_pool2d": "average pooling (ResNet-D's downsampling shortcut): additions only; fvcore does not count it",
+    "aten::ceil": _SCALE,  # TF 'SAME' padding computed from the input size
+    "aten::reshape_as": _MEM,
 }
 """Operators counted as 0 FLOPs on purpose. fvcore's own ``_IGNORED_OPS`` (reshapes, copies,
 ``cat``, ``dropout``, ``relu``, ...) are ignored before these are looked at."""
@@ -115,6 +126,10 @@ EXTRA_FLOP_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "aten::rms_norm": rms_norm_flops,
     "aten::upsample_bicubic2d": _per_output(16),
     "aten::_upsample_bicubic2d_aa": _per_output(16),
+    # NaFlex position tables: antialiased bilinear (4 taps, as fvcore counts plain bilinear), and the
+    # factorized tables' linear resampling (2 taps)
+    "aten::_upsample_bilinear2d_aa": _per_output(4),
+    "aten::upsample_linear1d": _per_output(2),
 }
 """Multiply-add handles for operators plain fvcore leaves unsupported."""
 

@@ -6,9 +6,19 @@ from . import (
     attention, block, distilled, map_pool, mlp, norm, patch_embed, pool, pos_embed, relpos, rope, subln, transition,
     window,
 )
+from . import class_attention, talking_heads  # CaiT (class_attention is shared with XCiT)
+from . import fourier, xcit, xcit_stem  # XCiT
+from . import naflex  # NaFlexVit
+from . import sam  # Segment Anything
+from . import convit  # ConViT
+from . import hybrid  # hybrid CNN stems (timm's HybridEmbed)
+from . import diff_attention  # differential attention (timm DiffAttention)
+from . import glu, pixel_norm, qkv_norm, sandwich, vlm_pool, vlm_pos  # VLM towers: Qwen3-VL, Gemma 4, DeepSeek
 
 MODULES = (patch_embed, pos_embed, rope, attention, subln, relpos, mlp, norm, block, pool, map_pool, distilled,
-           transition, window)
+           transition, window, class_attention, talking_heads, xcit_stem, fourier, xcit, naflex, sam, convit,
+           hybrid, diff_attention,
+           vlm_pos, vlm_pool, pixel_norm, qkv_norm, glu, sandwich)
 
 
 @hookimpl

@@ -17,6 +17,12 @@ from ..layers import Linear
 from ..state import ForwardState
 
 
+def check_kv_heads(ctx: BuildContext, kv_heads: int | None) -> None:
+    """Grouped-query attention needs ``kv_heads`` to divide the query heads (each group shares one)."""
+    if kv_heads is not None and ctx.num_heads % kv_heads:
+        raise ValueError(f"needs kv_heads dividing num_heads {ctx.num_heads}, got kv_heads {kv_heads}")
+
+
 class QKVAttention(Attention):
     """Base of attention variants: qkv projection (timm's ``attn.qkv``), optional qk-norm, output
     projection (``attn.proj``). Not registered itself: it has no ``forward``.
@@ -35,8 +41,7 @@ class QKVAttention(Attention):
 
     @classmethod
     def check(cls, ctx: BuildContext, params: Params) -> None:
-        if params.kv_heads is not None and ctx.num_heads % params.kv_heads:
-            raise ValueError(f"needs kv_heads dividing num_heads {ctx.num_heads}, got kv_heads {params.kv_heads}")
+        check_kv_heads(ctx, params.kv_heads)
 
     def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params)

@@ -1,6 +1,7 @@
 """Block orderings: where the norms and the two residual branches (attention, MLP) go.
 
 Every block adds both branches to the residual stream; ``tests/test_blocks.py`` proves it.
+``parallel_branches`` runs several attention branches side by side, then several MLP branches.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Optional
 
 import torch
 from pydantic import Field, StrictBool
+from torch import nn
 
 from ..component import Block
 from ..state import ForwardState
@@ -39,6 +41,15 @@ class PreNormBlock(_TwoBranchBlock):
     """Pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)) (ViT, timm ``Block``)."""
 
     name = "prenorm"
+
+    class Params(_TwoBranchBlock.Params):
+        attn_only_layer_scale: StrictBool = Field(
+            False, description="layer scale on the attention branch only (Sapiens2; timm Eva's attn_only_layer_scale)")
+
+    def __init__(self, ctx: BuildContext, params: Params):
+        super().__init__(ctx, params)
+        if params.attn_only_layer_scale:
+            self.ls2 = nn.Identity()
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), state)))
@@ -86,4 +97,53 @@ class ParallelBlock(_TwoBranchBlock):
         return x + self.drop_path1(self.ls1(self.attn(h, state))) + self.drop_path2(self.ls2(self.mlp(m)))
 
 
-COMPONENTS = (PreNormBlock, PostNormBlock, ResPostNormBlock, ParallelBlock)
+class _Branch(nn.Module):
+    """One residual branch of ``parallel_branches``: norm -> attention or MLP -> layer scale ->
+    drop path, under timm's names (``norm``, ``attn`` / ``mlp``, ``ls``, ``drop_path``)."""
+
+    def __init__(self, ctx: BuildContext, kind: str, init_values: float | None):
+        super().__init__()
+        self.mixes_tokens = kind == "attention"
+        self.norm = ctx.make("norm")
+        setattr(self, "attn" if self.mixes_tokens else "mlp", ctx.make(kind))
+        self.ls = layer_scale(ctx.embed_dim, init_values, **ctx.factory_kwargs)
+        self.drop_path = drop_path(ctx.drop_path)
+
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        h = self.norm(x)
+        h = self.attn(h, state) if self.mixes_tokens else self.mlp(h)
+        return self.drop_path(self.ls(h))
+
+
+class ParallelBranchesBlock(Block):
+    """Pre-norm with parallel branches: x + Σ_j attn_j(norm_j(x)), then x + Σ_j mlp_j(norm_j(x)),
+    each branch with its own weights (Touvron et al. 2022, "Three things everyone should know
+    about Vision Transformers"; timm ``ParallelThingsBlock``, its ``attns.j`` / ``ffns.j`` names).
+
+    ``attn`` and ``mlp`` name the first branch's, as in a single-branch block."""
+
+    name = "parallel_branches"
+
+    class Params(Block.Params):
+        branches: int = Field(2, ge=1, le=64, description="attention (and MLP) branches side by side")
+        init_values: Optional[float] = Field(None, gt=0.0, description="layer scale init; null = no layer scale")
+
+    def __init__(self, ctx: BuildContext, params: Params):
+        super().__init__(ctx, params)
+        self.attns = nn.ModuleList(_Branch(ctx, "attention", params.init_values) for _ in range(params.branches))
+        self.ffns = nn.ModuleList(_Branch(ctx, "mlp", params.init_values) for _ in range(params.branches))
+
+    @property
+    def attn(self) -> nn.Module:
+        return self.attns[0].attn
+
+    @property
+    def mlp(self) -> nn.Module:
+        return self.ffns[0].mlp
+
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        x = x + sum(branch(x, state) for branch in self.attns)
+        return x + sum(branch(x, state) for branch in self.ffns)
+
+
+COMPONENTS = (PreNormBlock, PostNormBlock, ResPostNormBlock, ParallelBlock, ParallelBranchesBlock)

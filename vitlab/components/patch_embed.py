@@ -94,13 +94,17 @@ class LinearPatchEmbed(_PatchifyBase):
         self.proj = Linear(ctx.in_chans * ph * pw, ctx.embed_dim, bias=params.bias, **ctx.factory_kwargs)
         nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))  # same init as the conv
 
+    # (B, C, gh, ph, gw, pw) -> (B, gh, gw, C, ph, pw): each patch flattened channel-major, as a
+    # conv kernel is (a subclass may flatten in another order)
+    PATCH_ORDER = (0, 2, 4, 1, 3, 5)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad:
             x = _pad_to_patches(x, self.patch_size)
         B, C, H, W = x.shape
         ph, pw = self.patch_size
         gh, gw = H // ph, W // pw
-        x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, ph, pw)
+        x = x.reshape(B, C, gh, ph, gw, pw).permute(*self.PATCH_ORDER)
         x = x.reshape(B, gh * gw, C * ph * pw)
         return self.norm(self.proj(x))  # (B, gh * gw, D)
 

@@ -1,5 +1,6 @@
 """Checkpoints in the original layouts timm converts when it loads them: OpenAI CLIP and open_clip,
-DINOv2 / DINOv3, EVA, Perception Encoder, Sapiens2 and BEiT-3 originals, and big_vision ``.npz``.
+DINOv2 / DINOv3, EVA, Perception Encoder, Sapiens2, BEiT-3, SAM, MobileCLIP, XCiT, RADIO and AIMv2
+originals, and big_vision ``.npz``.
 
 The conversion is the family's own timm code, never a second copy of it: the ``checkpoint_filter_fn``
 of the module defining the spec's timm class (``timm_class(spec)``), run on a meta-device timm
@@ -31,6 +32,11 @@ ORIGINAL_LAYOUTS: tuple[tuple[str, str], ...] = (
     ("DINOv2", r"(mask_token|register_tokens)$"),
     ("Perception Encoder", r"conv1\.weight$"),
     ("BEiT-3", r"beit3\."),
+    ("MobileCLIP", r"image_encoder\.model\.patch_emb\."),
+    ("SAM", r"image_encoder\.patch_embed\.proj\.weight$"),
+    ("XCiT original", r"pos_embeder\."),
+    ("RADIO", r"radio_model\."),
+    ("AIMv2", r"preprocessor\.patchifier\."),
 )
 
 # an .npz may hold up to this many times the model's float32 parameter bytes (EMA copies, optimizer

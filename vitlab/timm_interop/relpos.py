@@ -1,27 +1,58 @@
 """timm's ``VisionTransformerRelPos`` (``vision_transformer_relpos``: ``vit_relpos_*``,
-``vit_srelpos_*``) -> ``ViTSpec``.
+``vit_srelpos_*``) <-> ``ViTSpec``.
 
 A ViT without an absolute position table whose attention adds a relative position bias: from a
 small MLP over log-spaced offsets (timm ``RelPosMlp``, ``cr`` mode) per block
 (``mhsa_relpos_mlp``) or shared by every block (the position encoding ``relpos_mlp``), or from a
-table (``RelPosBias``: ``mhsa_relpos``). The state-dict differences are the ``bridge.RELPOS``
-family table.
+table (``RelPosBias``: ``mhsa_relpos``). Which bias module is which component is one table,
+``RELPOS_BIASES``, that reading and exporting share; the state-dict differences are the
+``bridge.RELPOS`` family table.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from ..spec import ViTSpec
-from .spec_from import _fmt_float, _Reader
+from .beit import (
+    check_plain_attention, common_kwargs, conv_patch_embed, fc_norm_of, meta_state_dict, no_equivalent,
+)
+from .bridge import RELPOS, export_state_dict
+from .spec_from import _Reader
+from .to_timm import Export, check_uniform_blocks
+
+
+class BiasModule(NamedTuple):
+    """One of timm's relative position bias modules and the vitlab component that is it."""
+
+    rel_pos_type: str  # timm's ``rel_pos_type``: ``mlp`` (RelPosMlp, cr mode) or ``bias`` (RelPosBias)
+    shared: bool  # timm's ``shared_rel_pos``: one module for every block
+    kind: str  # where vitlab keeps it: the attention's own, or the position encoding's
+    component: str
+    hidden: str | None  # the param holding the MLP's hidden width (timm's ``rel_pos_dim``)
+
+
+# timm's relative position bias modules <-> vitlab's components; the reader looks up what a timm
+# model has, the export what a spec needs (a table shared by every block is not in vitlab)
+RELPOS_BIASES: tuple[BiasModule, ...] = (
+    BiasModule("mlp", False, "attention", "mhsa_relpos_mlp", "bias_hidden"),
+    BiasModule("bias", False, "attention", "mhsa_relpos", None),
+    BiasModule("mlp", True, "pos_embed", "relpos_mlp", "hidden"),
+)
+
+
+def _bias_for(rel_pos_type: str, shared: bool) -> BiasModule | None:
+    return next((b for b in RELPOS_BIASES if (b.rel_pos_type, b.shared) == (rel_pos_type, shared)), None)
 
 
 class RelPosReader(_Reader):
     """Reads a timm ``VisionTransformerRelPos`` instance (its modules and shapes, never its name)."""
 
-    def rel_pos(self, r: nn.Module, heads: int, where: str) -> tuple[str, dict]:
-        """The bias module: ``("mlp", {"hidden": h})`` or ``("table", {})``."""
+    def rel_pos(self, r: nn.Module, heads: int, where: str) -> tuple[str, int | None]:
+        """The bias module: its ``rel_pos_type`` (``mlp`` or ``bias``) and the MLP's hidden width."""
         from timm.layers import Mlp
         from timm.layers.pos_embed_rel import RelPosBias, RelPosMlp
 
@@ -32,7 +63,7 @@ class RelPosReader(_Reader):
         if r.prefix_tokens != m.num_prefix_tokens:
             raise self.unsupported(f"relative position bias over {r.prefix_tokens} prefix tokens at {where}")
         if t is RelPosBias:
-            return "table", {}
+            return "bias", None
         if t is not RelPosMlp:
             raise self.unsupported(f"relative position module {t.__name__} at {where}")
         if r.mode != "cr" or not self.is_id(r.bias_act) or r.bias_gain is not None:
@@ -45,29 +76,21 @@ class RelPosReader(_Reader):
             raise self.unsupported(f"relative position MLP of other shape or without biases at {where}")
         if mlp.drop1.p != 0.125 or mlp.drop2.p != 0.0:
             raise self.unsupported(f"relative position MLP with dropout other than timm's 0.125 at {where}")
-        return "mlp", {"hidden": fc1.out_features}
+        return "mlp", fc1.out_features
 
     def attention(self, a: nn.Module, where: str, dim: int | None = None) -> dict:
         from timm.models.vision_transformer_relpos import RelPosAttention
 
         if type(a) is not RelPosAttention:
             raise self.unsupported(f"attention layer {type(a).__name__} at {where}")
-        D = self.m.embed_dim
-        qkv, proj = self.linear(a.qkv, f"{where}.qkv"), self.linear(a.proj, f"{where}.proj")
-        if a.num_heads * a.head_dim != D or qkv.out_features != 3 * D:
-            raise self.unsupported(f"attention width other than embed_dim {D} at {where}")
-        qk_norm = not self.is_id(a.q_norm)
-        if qk_norm:
-            self.norm(a.q_norm, f"{where}.q_norm")
-            self.norm(a.k_norm, f"{where}.k_norm")
-        params = {"qkv_bias": qkv.bias is not None, "proj_bias": proj.bias is not None, "qk_norm": qk_norm,
-                  "attn_drop": _fmt_float(a.attn_drop.p)}
+        params = self.qkv_attention(a, where, check_proj=False)
         name = "mhsa"
         if a.rel_pos is not None:
-            kind, extra = self.rel_pos(a.rel_pos, a.num_heads, f"{where}.rel_pos")
-            name = "mhsa_relpos" if kind == "table" else "mhsa_relpos_mlp"
-            if kind == "mlp":
-                params["bias_hidden"] = extra["hidden"]
+            rel_pos_type, hidden = self.rel_pos(a.rel_pos, a.num_heads, f"{where}.rel_pos")
+            bias = _bias_for(rel_pos_type, shared=False)
+            name = bias.component
+            if bias.hidden:
+                params[bias.hidden] = hidden
         return {"heads": a.num_heads, "params": params, "proj_drop": a.proj_drop.p, "name": name}
 
     def block(self, b: nn.Module, i: int, dim: int | None = None, where: str | None = None) -> dict:
@@ -93,11 +116,100 @@ class RelPosReader(_Reader):
             raise self.unsupported("prefix tokens other than one class token")
         data["pos_embed"] = {"name": "none"}
         if m.shared_rel_pos is not None:
-            kind, extra = self.rel_pos(m.shared_rel_pos, blocks[0]["attn"]["heads"], "shared_rel_pos")
-            if kind != "mlp":
+            rel_pos_type, hidden = self.rel_pos(m.shared_rel_pos, blocks[0]["attn"]["heads"], "shared_rel_pos")
+            bias = _bias_for(rel_pos_type, shared=True)
+            if bias is None:
                 raise self.unsupported("relative position table shared by all blocks (shared_rel_pos with "
                                        "rel_pos_type 'bias')")
-            data["pos_embed"] = {"name": "relpos_mlp", "params": {"hidden": extra["hidden"]}}
+            data["pos_embed"] = {"name": bias.component, "params": {bias.hidden: hidden}}
         self.final_norm_and_pool(data)
         data["dynamic_img_size"] = False  # timm's model takes its one image size
         return self.finish(data, blocks)
+
+
+# --- spec -> timm --------------------------------------------------------------------------------
+
+def _biases(spec: ViTSpec) -> list[BiasModule]:
+    """The ``RELPOS_BIASES`` rows the spec selects."""
+    return [b for b in RELPOS_BIASES if spec.selection(b.kind).name == b.component]
+
+
+def _is_relpos(spec: ViTSpec) -> bool:
+    """A relative position bias MLP (per block or shared), or a table per block without the class
+    token (with it, a ``Beit``); RoPE is Eva's."""
+    if spec.stages is not None or spec.pos_embed.name == "rope":
+        return False
+    return any(b.rel_pos_type == "mlp" for b in _biases(spec)) or (
+        spec.attention.name == "mhsa_relpos" and not spec.class_token)
+
+
+def relpos_kwargs(spec: ViTSpec) -> dict[str, Any]:
+    """Keyword arguments of timm's ``VisionTransformerRelPos`` (any ``vit_relpos_*`` /
+    ``vit_srelpos_*`` name) for a spec with one relative position bias (``RELPOS_BIASES``).
+
+    Raises:
+        SpecError: the spec uses something ``VisionTransformerRelPos`` cannot express (named).
+    """
+    from timm.layers import get_act_layer
+    from timm.models.vision_transformer_relpos import RelPosBlock, ResPostRelPosBlock
+
+    fail = functools.partial(no_equivalent, spec, "VisionTransformerRelPos")
+    check_uniform_blocks(spec, fail)
+    attn, mlp, block = spec.attention, spec.mlp, spec.block
+    plain = {"attention": "mhsa", "pos_embed": "none"}  # what a kind is without a bias module
+    for kind, name in plain.items():
+        allowed = (name, *(b.component for b in RELPOS_BIASES if b.kind == kind))
+        if spec.selection(kind).name not in allowed:
+            raise fail(f"{kind} '{spec.selection(kind).name}' (VisionTransformerRelPos: {', '.join(allowed)})")
+    biases = _biases(spec)
+    if len(biases) != 1:
+        raise fail("a relative position bias shared by every block and one per block together (timm's "
+                   "VisionTransformerRelPos has one or the other)" if biases else "no relative position bias")
+    bias = biases[0]
+    check_plain_attention(spec, fail)
+    if mlp.name != "mlp" or not mlp.params.get("bias", True) or mlp.params.get("norm"):
+        raise fail(f"mlp '{mlp.name}' with {mlp.params} (VisionTransformerRelPos: an MLP with biases, no norm)")
+    if block.name == "prenorm" and not block.params.get("attn_only_layer_scale"):
+        block_fn, init_values = RelPosBlock, block.params.get("init_values")
+    elif block.name == "respostnorm" and block.params.get("init_values") is None:
+        block_fn, init_values = ResPostRelPosBlock, None  # timm's init_values only initialise its norms
+    else:
+        raise fail(f"block '{block.name}' {block.params} (pre-norm with layer scale on both branches or none, "
+                   "or res-post-norm without)")
+    if spec.norm.name not in ("layernorm", "rmsnorm"):
+        raise fail(f"norm '{spec.norm.name}'")
+    if conv_patch_embed(spec, fail):
+        raise fail("padding images to whole patches (dynamic_img_pad)")
+    if spec.reg_tokens:
+        raise fail("register tokens")
+    if spec.pre_norm or spec.pos_drop_rate or spec.dynamic_img_size:
+        raise fail("pre_norm, pos_drop_rate or dynamic_img_size (VisionTransformerRelPos takes one image size)")
+    return dict(
+        common_kwargs(spec),
+        qkv_bias=attn.params["qkv_bias"],
+        qk_norm=attn.params["qk_norm"],
+        init_values=init_values,
+        class_token=spec.class_token,
+        fc_norm=fc_norm_of(spec, fail),
+        rel_pos_type=bias.rel_pos_type,
+        rel_pos_dim=spec.selection(bias.kind).params[bias.hidden] if bias.hidden else None,
+        shared_rel_pos=bias.shared,
+        act_layer=get_act_layer(mlp.params["act"]),
+        block_fn=block_fn,
+    )
+
+
+def _relpos_class(spec: ViTSpec) -> type:
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    return VisionTransformerRelPos
+
+
+def relpos_state_dict(model) -> dict[str, torch.Tensor]:
+    """A vitlab model's weights in timm VisionTransformerRelPos' names (``bridge.RELPOS`` read backwards)."""
+    target = meta_state_dict(_relpos_class(model.spec), relpos_kwargs(model.spec))
+    return export_state_dict(model, RELPOS, target)
+
+
+RELPOS_EXPORT = Export(claims=_is_relpos, timm_class=_relpos_class, kwargs=relpos_kwargs,
+                       state_dict=relpos_state_dict)

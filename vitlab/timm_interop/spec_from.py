@@ -123,14 +123,49 @@ class _Reader:
 
     # --- parts --------------------------------------------------------------------------------
 
-    def attention(self, a: nn.Module, where: str, dim: int | None = None) -> dict:
-        from timm.layers import Attention
+    def equivalent(self, kind: str, module: nn.Module, where: str) -> dict | None:
+        """A plugin component declared as this module's twin (``vitlab_timm_equivalents``): its
+        selection, with the params the plugin reads off the module; ``None`` if none is."""
+        from ..plugins import get_registry
 
-        if type(a) is not Attention:
-            raise self.unsupported(f"attention layer {type(a).__name__} at {where}")
+        eq = get_registry().timm_equivalent(kind, module)
+        if eq is None:
+            return None
+        try:
+            params = eq.read(module)
+        except Exception as exc:  # noqa: BLE001 - a plugin's refusal, or its bug: either way not this model
+            raise self.unsupported(f"{type(module).__name__} at {where} ({kind} '{eq.name}' of plugin "
+                                   f"'{eq.provider}': {exc})") from None
+        return {"name": eq.name, "params": dict(params)}
+
+    def qkv_attention(self, a: nn.Module, where: str, check_proj: bool = True) -> dict:
+        """The params of a timm attention built like ``Attention`` (``qkv``, ``proj``, ``q_norm`` /
+        ``k_norm`` over heads of embed_dim) in another family's module (SAM's, relpos's)."""
+        D = self.m.embed_dim
+        qkv, proj = self.linear(a.qkv, f"{where}.qkv"), self.linear(a.proj, f"{where}.proj")
+        if a.num_heads * a.head_dim != D or qkv.out_features != 3 * D or (check_proj and proj.out_features != D):
+            raise self.unsupported(f"attention width other than embed_dim {D} at {where}")
+        qk_norm = not self.is_id(a.q_norm)
+        if qk_norm:
+            self.norm(a.q_norm, f"{where}.q_norm")
+            self.norm(a.k_norm, f"{where}.k_norm")
+        return {"qkv_bias": qkv.bias is not None, "proj_bias": proj.bias is not None, "qk_norm": qk_norm,
+                "attn_drop": _fmt_float(a.attn_drop.p)}
+
+    def attention(self, a: nn.Module, where: str, dim: int | None = None) -> dict:
+        from timm.layers import Attention, DiffAttention
+
+        if (sel := self.equivalent("attention", a, where)) is not None:
+            drop = getattr(a, "proj_drop", None)
+            return {**sel, "heads": a.num_heads, "proj_drop": getattr(drop, "p", 0.0)}
+        t = type(a)
+        if t not in (Attention, DiffAttention):
+            raise self.unsupported(f"attention layer {t.__name__} at {where}")
         D = dim or self.m.embed_dim
-        if a.attn_dim != D or a.num_heads * a.head_dim != D:
-            raise self.unsupported(f"attention width {a.attn_dim} != embed_dim {D} (attn_head_dim) at {where}")
+        diff = t is DiffAttention
+        width = a.num_heads * a.head_dim * (2 if diff else 1)  # DiffAttention's head_dim is half a head
+        if width != D or (not diff and a.attn_dim != D):
+            raise self.unsupported(f"attention width {width} != embed_dim {D} (attn_head_dim) at {where}")
         subln = not self.is_id(getattr(a, "norm", None))  # scale_attn_norm: BEiT-3's sub-LN
         if subln:
             self.norm(a.norm, f"{where}.norm")
@@ -147,12 +182,35 @@ class _Reader:
             self.norm(a.k_norm, f"{where}.k_norm")
         params = {"qkv_bias": qkv.bias is not None, "proj_bias": proj.bias is not None, "qk_norm": qk_norm,
                   "attn_drop": _fmt_float(a.attn_drop.p)}
+        if diff:
+            return {"heads": a.num_heads, "proj_drop": a.proj_drop.p, "name": "mhsa_diff",
+                    "params": {**params, **self.differential(a, where), "subln": subln}}
         return {"heads": a.num_heads, "params": params, "proj_drop": a.proj_drop.p,
                 "name": "mhsa_subln" if subln else "mhsa"}
+
+    def differential(self, a: nn.Module, where: str, block_index: int | None = None) -> dict:
+        """What ``mhsa_diff`` needs of timm's differential attention (``DiffAttention`` or a
+        ``DiffParallelScalingBlock``): its fixed heads' norm, its λ parameterisation and, given the
+        block's index, that λ_init is that block's."""
+        from timm.layers import RmsNorm
+
+        sub = a.sub_norm
+        if type(sub) is not RmsNorm or not sub.elementwise_affine or sub.eps != 1e-5:
+            raise self.unsupported(f"differential attention heads' norm other than RmsNorm(eps=1e-5) at {where}")
+        if block_index is not None and not math.isclose(a.lambda_init, 0.8 - 0.6 * math.exp(-0.3 * block_index)):
+            raise self.unsupported(f"differential attention lambda_init {a.lambda_init:.4g} other than block "
+                                   f"{block_index}'s at {where}")
+        return {"dual_lambda": bool(a.dual_lambda)}
 
     def mlp(self, mlp: nn.Module, where: str, dim: int | None = None) -> dict:
         from timm.layers import GluMlp, Mlp, SwiGLU
 
+        if (sel := self.equivalent("mlp", mlp, where)) is not None:
+            fc1 = getattr(mlp, "fc1", None)
+            if not isinstance(fc1, nn.Linear):  # the hidden width is fc1's, as in timm's Mlp
+                raise self.unsupported(f"MLP {type(mlp).__name__} at {where} without an fc1 Linear (its hidden width)")
+            drop = getattr(mlp, "drop2", None)
+            return {**sel, "hidden": fc1.out_features, "drop": getattr(drop, "p", 0.0)}
         t = type(mlp)
         if t is Mlp:
             fc1, fc2 = self.linear(mlp.fc1, f"{where}.fc1"), self.linear(mlp.fc2, f"{where}.fc2")
@@ -203,14 +261,27 @@ class _Reader:
 
     def block(self, b: nn.Module, i: int, dim: int | None = None, where: str | None = None) -> dict:
         """Block ``i`` of width ``dim`` (default: the model's embed_dim), named ``where`` in messages."""
-        from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock
+        from timm.models.vision_transformer import (
+            Block, DiffParallelScalingBlock, ParallelScalingBlock, ParallelThingsBlock, ResPostBlock,
+        )
 
         where = where or f"blocks.{i}"
         t = type(b)
         D = dim or self.m.embed_dim
+        if (sel := self.equivalent("block", b, where)) is not None:  # a plugin's block around timm's parts
+            for n in ("norm1", "norm2"):
+                if hasattr(b, n):
+                    self.norm(getattr(b, n), f"{where}.{n}")
+            return {"attn": self.attention(b.attn, f"{where}.attn", D), "mlp": self.mlp(b.mlp, f"{where}.mlp", D),
+                    "block": sel, "drop_path": float(getattr(getattr(b, "drop_path1", None), "drop_prob", 0.0))}
         if t in (Block, ResPostBlock):
-            return self.two_branch(b, where, post=t is ResPostBlock, dim=D)
-        elif t is ParallelScalingBlock:
+            read = self.two_branch(b, where, post=t is ResPostBlock, dim=D)
+            if read["attn"]["name"] == "mhsa_diff":
+                self.differential(b.attn, f"{where}.attn", i)
+            return read
+        elif t is ParallelThingsBlock:
+            return self.parallel_things(b, i, where, D)
+        elif t in (ParallelScalingBlock, DiffParallelScalingBlock):
             in_proj = self.linear(b.in_proj, f"{where}.in_proj")
             hidden = in_proj.out_features - 3 * D
             if list(b.in_split) != [hidden, D, D, D] or hidden <= 0:
@@ -232,6 +303,9 @@ class _Reader:
             attn = {"heads": b.num_heads, "proj_drop": b.mlp_drop.p,
                     "params": {"qkv_bias": in_proj.bias is not None, "proj_bias": proj_bias, "qk_norm": qk_norm,
                                "attn_drop": _fmt_float(b.attn_drop.p)}}
+            if t is DiffParallelScalingBlock:  # the attention half is differential, its q / k split in two
+                attn["name"] = "mhsa_diff"
+                attn["params"].update(self.differential(b, where, i), subln=False)
             # the MLP's fc1 always has a bias (in_proj's bias or mlp_bias); a fused or bias-free output
             # projection loads as zeros in mlp.fc2.bias
             act = self.act(b.mlp_act, f"{where}.mlp_act")
@@ -243,6 +317,29 @@ class _Reader:
         else:
             raise self.unsupported(f"block type {t.__module__}.{t.__name__} at {where}")
         return {"attn": attn, "mlp": mlp, "block": block, "drop_path": float(drop_path)}
+
+    def parallel_things(self, b: nn.Module, i: int, where: str, dim: int) -> dict:
+        """timm's ``ParallelThingsBlock``: ``num_parallel`` branches of (norm, attn, ls) side by side,
+        then as many of (norm, mlp, ls); every branch configured alike (``parallel_branches``)."""
+        branches = []
+        for j in range(b.num_parallel):
+            a, f = b.attns[j], b.ffns[j]
+            attn = self.attention(a.attn, f"{where}.attns.{j}.attn", dim)
+            if attn["name"] == "mhsa_diff":
+                self.differential(a.attn, f"{where}.attns.{j}.attn", i)
+            mlp = self.mlp(f.mlp, f"{where}.ffns.{j}.mlp", dim)
+            self.norm(a.norm, f"{where}.attns.{j}.norm")
+            self.norm(f.norm, f"{where}.ffns.{j}.norm")
+            ls = self.layer_scale(a.ls, f"{where}.attns.{j}.ls")
+            if (ls is None) != (self.layer_scale(f.ls, f"{where}.ffns.{j}.ls") is None):
+                raise self.unsupported(f"layer scale on only one branch at {where}")
+            branches.append((attn, mlp, ls))
+        if any(br != branches[0] for br in branches[1:]):
+            raise self.unsupported(f"parallel branches configured differently at {where}")
+        attn, mlp, ls = branches[0]
+        block = {"name": "parallel_branches", "params": {"branches": b.num_parallel, "init_values": ls}}
+        return {"attn": attn, "mlp": mlp, "block": block,
+                "drop_path": float(getattr(b.attns[0].drop_path, "drop_prob", 0.0))}
 
     def two_branch(self, b: nn.Module, where: str, post: bool, dim: int | None = None) -> dict:
         """A timm block of ``norm1, attn, ls1, norm2, mlp, ls2`` (``Block`` and its kin in other
@@ -261,9 +358,13 @@ class _Reader:
         return {"attn": attn, "mlp": mlp, "block": block, "drop_path": float(getattr(b.drop_path1, "drop_prob", 0.0))}
 
     def patch_embed(self) -> dict:
-        from timm.layers import PatchEmbed
+        from timm.layers import HybridEmbed, PatchEmbed
 
         pe = self.m.patch_embed
+        if type(pe) is HybridEmbed:  # a CNN backbone's feature map as the patches (``hybrid``)
+            from .hybrid import read_hybrid_embed
+
+            return read_hybrid_embed(self, pe)
         if type(pe) is not PatchEmbed:
             raise self.unsupported(f"patch embedding {type(pe).__name__}")
         if pe.img_size is None:
@@ -526,6 +627,17 @@ class _Reader:
 # First match wins, so a subclass is listed before its base; anything else is read as timm's
 # ``VisionTransformer`` by ``_Reader`` (which refuses what it is not).
 READERS: tuple[tuple[str, str, str, str], ...] = (
+    ("timm.models.qwen3_vit", "Qwen3VitClassifier", ".qwen3", "QwenReader"),
+    ("timm.models.qwen3_vit", "Qwen3VitEncoder", ".qwen3", "QwenReader"),
+    ("timm.models.deepseek_vit", "DeepseekVitClassifier", ".deepseek", "DeepseekReader"),
+    ("timm.models.deepseek_vit", "DeepseekVitEncoder", ".deepseek", "DeepseekReader"),
+    ("timm.models.gemma4_vit", "Gemma4VitClassifier", ".gemma4", "GemmaReader"),
+    ("timm.models.gemma4_vit", "Gemma4VitEncoder", ".gemma4", "GemmaReader"),
+    ("timm.models.naflexvit", "NaFlexVit", ".naflex", "NaFlexReader"),
+    ("timm.models.vision_transformer_sam", "VisionTransformerSAM", ".sam", "SamReader"),
+    ("timm.models.convit", "ConVit", ".convit", "ConVitReader"),
+    ("timm.models.cait", "Cait", ".cait", "CaitReader"),
+    ("timm.models.xcit", "Xcit", ".xcit", "XcitReader"),
     ("timm.models.pit", "PoolingVisionTransformer", ".pit", "PitReader"),
     ("timm.models.beit", "Beit", ".beit", "BeitReader"),
     ("timm.models.vision_transformer_relpos", "VisionTransformerRelPos", ".relpos", "RelPosReader"),

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 
 from ..errors import Problem, SpecError, WeightsError
 from ..spec import ViTSpec
+from .equivalents import SLOTS
 
 
 def _no_equivalent(spec: ViTSpec, why: str) -> SpecError:
@@ -27,11 +30,31 @@ class Export:
     timm_class: Callable[[ViTSpec], type]
     kwargs: Callable[[ViTSpec], dict[str, Any]]
     state_dict: Callable[[Any], dict[str, torch.Tensor]]
+    # spec fields the timm class does not keep, so its model reads back without them (a nominal size)
+    unkept: tuple[str, ...] = ()
+
+
+def unkept_fields(spec: ViTSpec) -> tuple[str, ...]:
+    """The fields of ``spec`` that its timm equivalent does not keep (``Export.unkept``)."""
+    ex = _export(spec)
+    return () if ex is None else ex.unkept
 
 
 # the families with their own export, (module here, ``Export`` in it); first claim wins, and a spec
 # none claims goes to timm's ``VisionTransformer`` (or DeiT's distilled subclass) below
 EXPORTS: tuple[tuple[str, str], ...] = (
+    (".qwen3", "QWEN3_EXPORT"),  # pos_embed rope_table
+    (".deepseek", "DEEPSEEK_EXPORT"),  # rope with a VLM pool or a bias-free SwiGLU; before EVA, which claims rope
+    (".gemma4", "GEMMA4_EXPORT"),  # mhsa_qkvnorm or rope_axes
+    (".hybrid", "HYBRID_EXPORT"),  # before the families that read the rest of a hybrid's spec
+    (".eva", "EVA_EXPORT"),  # pos_embed rope
+    (".beit", "BEIT_EXPORT"),  # mhsa_relpos with the class token
+    (".relpos", "RELPOS_EXPORT"),  # a bias MLP, or mhsa_relpos without the class token
+    (".naflex", "NAFLEX_EXPORT"),
+    (".cait", "CAIT_EXPORT"),  # before PiT, which claims any spec with stages
+    (".xcit", "XCIT_EXPORT"),  # before PiT, which claims any spec with stages
+    (".sam", "SAM_EXPORT"),
+    (".convit", "CONVIT_EXPORT"),  # before PiT, which claims any spec with stages
     (".pit", "PIT_EXPORT"),
 )
 
@@ -42,6 +65,16 @@ def _export(spec: ViTSpec) -> Export | None:
         if ex.claims(spec):
             return ex
     return None
+
+
+def _as_class(layer: Any) -> type:
+    """timm's Block wants its ``attn_layer`` as a class (it asks ``issubclass``): a ``partial`` of a
+    class with keywords becomes a subclass whose constructor has those keywords bound."""
+    if isinstance(layer, functools.partial) and isinstance(layer.func, type) and not layer.args:
+        cls = layer.func
+        return type(cls.__name__, (cls,), {"__init__": functools.partialmethod(cls.__init__, **layer.keywords),
+                                           "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return layer
 
 
 def check_uniform_blocks(spec: ViTSpec, fail) -> None:
@@ -81,21 +114,36 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
         spec = load_spec(spec)
     if (ex := _export(spec)) is not None:
         return ex.kwargs(spec)
-    from timm.layers import Mlp, SwiGLU
-    from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock
+    from timm.layers import Attention, DiffAttention, Mlp, SwiGLU
+    from timm.models.vision_transformer import (
+        Block, DiffParallelScalingBlock, ParallelScalingBlock, ParallelThingsBlock, ResPostBlock,
+    )
 
     fail = functools.partial(_no_equivalent, spec)
     attn, mlp, block, pool = spec.attention, spec.mlp, spec.block, spec.pool
     pe, pos, norm = spec.patch_embed, spec.pos_embed, spec.norm
 
-    if attn.name not in ("mhsa", "mhsa_subln"):
+    from ..plugins import get_registry
+
+    # plugin components with a declared timm twin fill timm's slot (``vitlab_timm_equivalents``)
+    twins = {kind: get_registry().timm_equivalents.get((kind, spec.selection(kind).name)) for kind in SLOTS}
+    if twins["attention"] is None and attn.name not in ("mhsa", "mhsa_subln", "mhsa_diff"):
         raise fail(f"attention '{attn.name}'")
     ap = attn.params
+    diff = attn.name == "mhsa_diff"
+    attn_layer = DiffAttention if diff else Attention
+    if twins["attention"] is not None:
+        attn_layer = _as_class(twins["attention"].layer(ap))
+    if diff and ap.get("dual_lambda") and block.name != "parallel":
+        raise fail("differential attention with dual_lambda outside a parallel block (timm's VisionTransformer "
+                   "builds DiffAttention with its four lambda vectors)")
     if ap.get("kv_heads") not in (None, spec.num_heads):
         raise fail(f"grouped-query attention (kv_heads={ap['kv_heads']}; timm's Attention has a key and value head "
                    "per query head)")
     check_uniform_blocks(spec, fail)
-    if mlp.name == "mlp":
+    if twins["mlp"] is not None:
+        mlp_layer, act = twins["mlp"].layer(mlp.params), mlp.params.get("act", "gelu")
+    elif mlp.name == "mlp":
         mlp_layer, act = Mlp, mlp.params["act"]
     elif mlp.name == "swiglu":
         mlp_layer, act = SwiGLU, "silu"
@@ -105,7 +153,11 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
         raise fail(f"norm '{norm.name}'")
 
     init_values = block.params.get("init_values")
-    if block.name == "prenorm":
+    if twins["block"] is not None:
+        block_fn = twins["block"].layer(block.params)
+    elif block.name == "prenorm":
+        if block.params.get("attn_only_layer_scale"):
+            raise fail("layer scale on the attention branch only (timm's Block scales both)")
         block_fn = Block
     elif block.name == "respostnorm":
         if init_values is not None:
@@ -117,11 +169,20 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
         if mlp.name != "mlp" or mlp.params.get("norm"):
             raise fail("parallel block with a gated or normed MLP (ParallelScalingBlock fuses a plain MLP)")
         block_fn = ParallelScalingBlock
+        if diff:  # the differential variant fuses both output projections, as timm always does
+            if ap.get("subln"):
+                raise fail("parallel block with a normed differential attention (DiffParallelScalingBlock has none)")
+            block_fn = DiffParallelScalingBlock
+            if ap.get("dual_lambda"):
+                block_fn = functools.partial(DiffParallelScalingBlock, dual_lambda=True)
+    elif block.name == "parallel_branches":
+        n = block.params.get("branches", 2)
+        block_fn = ParallelThingsBlock if n == 2 else functools.partial(ParallelThingsBlock, num_parallel=n)
     else:
         raise fail(f"block '{block.name}'")
     if block.name != "parallel":
         # timm's Mlp bias follows proj_bias; a bias timm has but vitlab lacks loads as zeros
-        if mlp.params.get("bias", True) and not ap["proj_bias"]:
+        if mlp.params.get("bias", True) and not ap.get("proj_bias", True):
             raise fail("MLP bias without attention output bias (timm ties both to proj_bias)")
 
     if pe.name not in ("conv", "linear"):
@@ -193,7 +254,7 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
         mlp_ratio=spec.mlp_ratio,
         qkv_bias=ap["qkv_bias"],
         qk_norm=ap["qk_norm"],
-        scale_attn_norm=attn.name == "mhsa_subln",
+        scale_attn_norm=attn.name == "mhsa_subln" or bool(diff and ap.get("subln")),
         scale_mlp_norm=bool(mlp.params.get("norm", False)),
         proj_bias=ap["proj_bias"],
         init_values=init_values if block.name != "respostnorm" else None,
@@ -215,6 +276,7 @@ def timm_kwargs(spec: ViTSpec | Any) -> dict[str, Any]:
         norm_layer=_norm_layer(spec),
         act_layer=act,
         block_fn=block_fn,
+        attn_layer=attn_layer,
         mlp_layer=mlp_layer,
     )
     return kw
@@ -248,99 +310,73 @@ def to_timm_state_dict(model) -> dict[str, torch.Tensor]:
     """
     if (ex := _export(model.spec)) is not None:
         return ex.state_dict(model)
-    kw = timm_kwargs(model.spec)
-    spec = model.spec
+    return vit_state_dict(model)
+
+
+def patchify_state(spec: ViTSpec, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm ``PatchEmbed``'s weights (vitlab's ``conv`` / ``linear`` embedder), taken out of ``sd``."""
     D = spec.embed_dim
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
-
-    def take(key: str) -> torch.Tensor:
-        return sd.pop(key)
-
-    def must_be_zero(key: str, why: str) -> None:
-        if key in sd:
-            t = sd.pop(key)
-            if torch.count_nonzero(t):
-                raise WeightsError(f"{key} is non-zero but {why}; no timm equivalent of these weights")
-
-    # --- embedding --------------------------------------------------------------------------
-    w = take("patch_embed.proj.weight")
+    w = sd.pop("patch_embed.proj.weight")
     if w.ndim == 2:  # linear embedder: (D, C * ph * pw) in the conv kernel's order
         w = w.reshape(D, spec.in_chans, *spec.patch_hw)
     out["patch_embed.proj.weight"] = w
     if "patch_embed.proj.bias" in sd:
-        out["patch_embed.proj.bias"] = take("patch_embed.proj.bias")
+        out["patch_embed.proj.bias"] = sd.pop("patch_embed.proj.bias")
     elif not spec.pre_norm:  # timm's conv has a bias unless pre_norm
         out["patch_embed.proj.bias"] = w.new_zeros(D)
     for k in [k for k in sd if k.startswith("patch_embed.norm.")]:
-        out[k] = take(k)
-    for k in ("cls_token", "reg_token"):
-        if k in sd:
-            out[k] = take(k)
-    if spec.pos_embed.name == "learned":
-        out["pos_embed"] = take("pos_embed.weight")
-    elif spec.pos_embed.name == "sincos2d":
-        out["pos_embed"] = model.pos_embed.pe.detach().clone()  # the fixed table, patches only
-    for k in [k for k in sd if k.startswith("norm_pre.")]:
-        out[k] = take(k)
+        out[k] = sd.pop(k)
+    return out
 
-    # --- blocks -----------------------------------------------------------------------------
+
+def _parallel_values(spec: ViTSpec, sd: dict[str, torch.Tensor], target) -> None:
+    """What ``bridge.PARALLEL``'s names cannot say, done in vitlab's names before it is read
+    backwards: timm's ParallelScalingBlock has one layer scale (``ls2`` must equal ``ls1``), always
+    an MLP input bias and, with ``proj_bias``, an MLP output bias (zeros where vitlab's MLP has none;
+    without, vitlab's must be zero), and a fused ``out_proj`` (DiffParallelScalingBlock) one bias."""
     for i in range(spec.depth):
         p = f"blocks.{i}."
-        if spec.block.name != "parallel":
-            for k in [k for k in sd if k.startswith(p)]:
-                out[k] = take(k)
-            if not spec.mlp.params.get("bias", True) and kw["proj_bias"]:
-                fc1 = ["fc1_g", "fc1_x"] if spec.mlp.name == "swiglu" else ["fc1"]
-                for name in fc1:
-                    weight = out[f"{p}mlp.{name}.weight"]
-                    out[f"{p}mlp.{name}.bias"] = weight.new_zeros(weight.shape[0])
-                out[f"{p}mlp.fc2.bias"] = out[f"{p}mlp.fc2.weight"].new_zeros(D)
-            continue
-        # vitlab parallel block -> timm ParallelScalingBlock (separate output projections)
-        for k in ("weight", "bias"):
-            if p + "norm1." + k in sd:
-                out[p + "in_norm." + k] = take(p + "norm1." + k)
-        fc1_w, qkv_w = take(p + "mlp.fc1.weight"), take(p + "attn.qkv.weight")
-        out[p + "in_proj.weight"] = torch.cat([fc1_w, qkv_w], dim=0)
-        fc1_b = sd.pop(p + "mlp.fc1.bias", None)
-        if fc1_b is None:
-            fc1_b = fc1_w.new_zeros(fc1_w.shape[0])
-        if kw["qkv_bias"]:
-            out[p + "in_proj.bias"] = torch.cat([fc1_b, take(p + "attn.qkv.bias")], dim=0)
-        else:
-            out[p + "mlp_bias"] = fc1_b
-        for k in [k for k in sd if k.startswith(p + "attn.q_norm.") or k.startswith(p + "attn.k_norm.")]:
-            out[p + k[len(p + "attn."):]] = take(k)
-        out[p + "attn_out_proj.weight"] = take(p + "attn.proj.weight")
-        out[p + "mlp_out_proj.weight"] = take(p + "mlp.fc2.weight")
-        if kw["proj_bias"]:
-            out[p + "attn_out_proj.bias"] = take(p + "attn.proj.bias")
-            fc2_b = sd.pop(p + "mlp.fc2.bias", None)
-            if fc2_b is None:
-                fc2_b = out[p + "mlp_out_proj.weight"].new_zeros(D)
-            out[p + "mlp_out_proj.bias"] = fc2_b
-        else:
-            must_be_zero(p + "mlp.fc2.bias", "timm's ParallelScalingBlock without proj_bias has no MLP output bias")
-        if p + "ls1.gamma" in sd:
-            g1, g2 = take(p + "ls1.gamma"), take(p + "ls2.gamma")
-            if not torch.equal(g1, g2):
-                raise WeightsError(f"{p}ls1.gamma and ls2.gamma differ; timm's ParallelScalingBlock has one layer scale")
-            out[p + "ls.gamma"] = g1
+        if p + "ls1.gamma" in sd and not torch.equal(sd[p + "ls1.gamma"], sd.pop(p + "ls2.gamma")):
+            raise WeightsError(f"{p}ls1.gamma and ls2.gamma differ; timm's ParallelScalingBlock has one layer scale")
+        fc1, fc2 = sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc2.weight"]
+        sd.setdefault(p + "mlp.fc1.bias", fc1.new_zeros(fc1.shape[0]))
+        fc2_bias = sd.pop(p + "mlp.fc2.bias", None)
+        if p + "out_proj.bias" in target:  # y = W_a a + W_m m + (b_a + b_m)
+            if fc2_bias is not None:
+                sd[p + "attn.proj.bias"] = sd[p + "attn.proj.bias"] + fc2_bias
+        elif p + "mlp_out_proj.bias" in target:
+            sd[p + "mlp.fc2.bias"] = fc2.new_zeros(fc2.shape[0]) if fc2_bias is None else fc2_bias
+        elif fc2_bias is not None and torch.count_nonzero(fc2_bias):
+            raise WeightsError(f"{p}mlp.fc2.bias is non-zero but timm's ParallelScalingBlock without proj_bias has "
+                               "no MLP output bias; no timm equivalent of these weights")
 
-    # --- head -------------------------------------------------------------------------------
-    for k in [k for k in sd if k.startswith("norm.")]:
-        out[k] = take(k)
-    prefix = "attn_pool." if spec.pool.name == "map" else "fc_norm."
-    src = "pool." if spec.pool.name == "map" else "pool.norm."
-    for k in [k for k in sd if k.startswith(src)]:
-        out[prefix + k[len(src):]] = take(k)
-    for k in [k for k in sd if k.startswith("head.")]:
-        out[k] = take(k)
-    if sd:  # pragma: no cover - a component with weights this converter does not know
-        raise WeightsError(f"no timm name for: {', '.join(sorted(sd))}")
-    if spec.pool.name == "distilled":  # the bridge's table read backwards: dist_token, head_dist
-        from .bridge import DEIT_DISTILLED
 
-        out = DEIT_DISTILLED.restore(out)
-    return out
+def vit_state_dict(model, embed: Callable[[ViTSpec, dict], dict] = patchify_state) -> dict[str, torch.Tensor]:
+    """``to_timm_state_dict`` for timm's ``VisionTransformer``: ``embed(spec, sd)`` takes the patch
+    embedding's weights out of ``sd`` in timm's names (a family with another embedder passes its own).
+    The names are the tables of ``bridge`` read backwards into the keys of the timm model (built on
+    the meta device), the values what those tables cannot say."""
+    from .bridge import DEIT_DISTILLED, PARALLEL, Family, export_state_dict
+    from .equivalents import renames
+
+    spec, cls = model.spec, timm_class(model.spec)
+    with torch.device("meta"):
+        target = cls(**timm_kwargs(spec)).state_dict()
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd.update(embed(spec, sd))
+    if spec.pos_embed.name == "sincos2d":
+        sd["pos_embed.weight"] = model.pos_embed.pe.detach().clone()  # the fixed table, patches only
+    if spec.block.name == "parallel":
+        _parallel_values(spec, sd, target)
+    elif not spec.mlp.params.get("bias", True):  # timm's Mlp biases follow proj_bias: vitlab lacks them, so zeros
+        for key in [k for k in target if re.match(r"blocks\.\d+\.(.+\.)?mlp\.fc\w*\.bias$", k) and k not in sd]:
+            weight = sd[key[:-len("bias")] + "weight"]
+            sd[key] = weight.new_zeros(weight.shape[0])
+    if spec.pool.name == "distilled":
+        sd = DEIT_DISTILLED.restore(sd, into=target)
+    if (plugins := renames(model.registry)) is not None:  # plugin twins' names
+        sd = plugins.restore(sd, into=target)
+    family = PARALLEL if spec.block.name == "parallel" else Family(cls.__name__, marker=r"(?!)")
+    return export_state_dict(SimpleNamespace(state_dict=lambda: sd), family, target)
+

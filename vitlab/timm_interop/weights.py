@@ -226,75 +226,62 @@ class _Plan:
         return None
 
     def blocks(self) -> None:
+        """The block tensors timm fuses, split in the model's sizes: ParallelScalingBlock's
+        (``bridge.PARALLEL``) and a packed SwiGLU's ``fc1`` (``bridge.SWIGLU_PACKED``)."""
+        from .bridge import PARALLEL, SWIGLU_PACKED
+
         src, tgt = self.src, self.target
         indices = sorted({int(m.group(1)) for k in src.keys() if (m := re.match(r"blocks\.(\d+)\.", k))})
         for i in indices:
             p = f"blocks.{i}."
             if p + "in_proj.weight" in src:
+                self._split(PARALLEL, i, "split from ParallelScalingBlock's fused projection")
                 self._parallel(p)
             fc1 = p + "mlp.fc1.weight"
             if fc1 in src and p + "mlp.fc1_g.weight" in tgt and fc1 not in tgt:
-                self._packed_swiglu(p)
+                self._split(SWIGLU_PACKED, i, "split from SwiGLUPacked's fc1 (the gate's rows first)")
 
-    def _split_rows(self, skey: str, parts: list[tuple[str, int]], note: str) -> None:
-        """Rows of ``skey`` -> consecutive model tensors (``(key, rows)``; rows -1 = the rest)."""
-        src = self.src
-        shape = src.shape(skey)
-        total = shape[0]
-        sizes = [n for _, n in parts]
-        if -1 in sizes:
-            rest = total - sum(n for n in sizes if n != -1)
-            sizes = [rest if n == -1 else n for n in sizes]
-        if sum(sizes) != total or any(n <= 0 for n in sizes):
-            for tkey, _ in parts:
-                if tkey in self.target:
-                    self.report.mismatched.append((tkey, shape, tuple(self.target[tkey].shape)))
-                    self._status[tkey] = "mismatched"
-            self.used.add(skey)
-            return
-        start = 0
-        for (tkey, _), n in zip(parts, sizes):
-            a, b = start, start + n
-            self.put(tkey, lambda a=a, b=b: src.get(skey)[a:b], (n,) + tuple(shape[1:]), "converted", skey, note=note)
-            start = b
+    def _split(self, family, block: int, note: str) -> None:
+        """Each of ``family.split``'s checkpoint tensors in ``block`` -> the model's parts, in the
+        model's sizes (a part the model lacks takes the rest, and is reported unexpected)."""
+        src, tgt = self.src, self.target
+        for entry in family.split:
+            skey = entry.source.format(block=block)
+            if skey not in src:
+                continue
+            shape, dim = tuple(src.shape(skey)), entry.dim
+            parts = [part.format(block=block) for part in entry.parts]
+            known = [tgt[k].shape[dim] if k in tgt and tgt[k].ndim == len(shape) else None for k in parts]
+            sizes = entry.sizes(shape[dim], known)
+            if sizes is None:
+                for k in parts:
+                    if k in tgt and k not in self._status:
+                        self.report.mismatched.append((k, shape, tuple(tgt[k].shape)))
+                        self._status[k] = "mismatched"
+                        self.used.add(skey)
+                continue
+            start = 0
+            for k, n in zip(parts, sizes):
+                piece = lambda a=start, n=n, skey=skey, dim=dim: src.get(skey).narrow(dim, a, n)  # noqa: E731
+                self.put(k, piece, shape[:dim] + (n,) + shape[dim + 1:], "converted", skey, note=note)
+                start += n
 
     def _parallel(self, p: str) -> None:
-        """timm ParallelScalingBlock: in_proj = [mlp fc1 | q | k | v], out_proj = [attn proj | mlp fc2]."""
-        src, tgt = self.src, self.target
-        D = self.model.spec.embed_dim
-        note = "split from ParallelScalingBlock's fused projection"
-        # in_proj rows: mlp hidden first, then q, k, v
-        self._split_rows(p + "in_proj.weight", [(p + "mlp.fc1.weight", -1), (p + "attn.qkv.weight", 3 * D)], note)
-        if p + "in_proj.bias" in src:
-            self._split_rows(p + "in_proj.bias", [(p + "mlp.fc1.bias", -1), (p + "attn.qkv.bias", 3 * D)], note)
-        if p + "ls.gamma" in src:
-            for tkey in (p + "ls1.gamma", p + "ls2.gamma"):
-                self.put(tkey, lambda: src.get(p + "ls.gamma"), src.shape(p + "ls.gamma"), "converted",
-                         p + "ls.gamma", note="ParallelScalingBlock's one layer scale serves both branches")
-        if p + "out_proj.weight" in src:
-            skey = p + "out_proj.weight"
-            shape = src.shape(skey)
-            if len(shape) == 2 and shape[1] > D:
-                self.put(p + "attn.proj.weight", lambda: src.get(skey)[:, :D], (shape[0], D), "converted", skey,
-                         note="split from the fused out_proj")
-                self.put(p + "mlp.fc2.weight", lambda: src.get(skey)[:, D:], (shape[0], shape[1] - D), "converted",
-                         skey, note="split from the fused out_proj")
-            if p + "out_proj.bias" in src:
-                bkey = p + "out_proj.bias"
-                # y = W_a a + W_m m + b: the bias goes to one of the two, the other gets zeros
-                dest = p + "attn.proj.bias" if p + "attn.proj.bias" in tgt else p + "mlp.fc2.bias"
-                self.put(dest, lambda: src.get(bkey), src.shape(bkey), "converted", bkey,
-                         note="the fused out_proj's bias")
-        self.fallback_zeros.append((p + "mlp.fc2.bias", "the checkpoint's ParallelScalingBlock has no MLP output bias"))
+        """What ``bridge.PARALLEL``'s names cannot say about timm's ParallelScalingBlock: its one
+        layer scale serves both branches, a fused ``out_proj``'s one bias either branch, and the
+        MLP output bias it may lack is zero."""
+        from .bridge import PARALLEL
 
-    def _packed_swiglu(self, p: str) -> None:
-        """timm SwiGLUPacked: fc1 rows = [gate (activated) | value]."""
-        note = "split from SwiGLUPacked's fc1 (first half gates)"
-        for kind in ("weight", "bias"):
-            skey = p + "mlp.fc1." + kind
-            if skey in self.src:
-                half = self.src.shape(skey)[0] // 2
-                self._split_rows(skey, [(p + "mlp.fc1_g." + kind, half), (p + "mlp.fc1_x." + kind, -1)], note)
+        src, tgt = self.src, self.target
+        if (ls := p + "ls.gamma") in src:
+            for tkey in (PARALLEL.to_vitlab(ls), p + "ls2.gamma"):
+                self.put(tkey, lambda: src.get(ls), src.shape(ls), "converted", ls,
+                         note="ParallelScalingBlock's one layer scale serves both branches")
+        if (bias := p + "out_proj.bias") in src:
+            # y = W_a a + W_m m + b: the bias goes to one of the two, the other gets zeros
+            dest = PARALLEL.to_vitlab(bias) if PARALLEL.to_vitlab(bias) in tgt else p + "mlp.fc2.bias"
+            self.put(dest, lambda: src.get(bias), src.shape(bias), "converted", bias, note="the fused out_proj's bias")
+        self.fallback_zeros.append((p + "mlp.fc2.bias", "the checkpoint's ParallelScalingBlock has no MLP output bias"))
 
     def patch_embed(self) -> None:
         src = self.src
@@ -359,29 +346,24 @@ class _Plan:
                 self.direct(tkey, skey)
 
     def renamed(self) -> None:
-        """Every other checkpoint tensor under its (renamed) model key."""
+        """Every other checkpoint tensor under its model key: timm's ViT names read forward
+        (``bridge.VITLAB``, and ``bridge.PARALLEL`` for a ParallelScalingBlock checkpoint)."""
+        from .bridge import PARALLEL, VITLAB
+
         tgt, src = self.target, self.src
-        fc_norm_to = None
-        if "pool.norm.weight" in tgt:
-            fc_norm_to = "pool.norm."
-        elif "norm.weight" in tgt and "norm.weight" not in src and self.model.spec.pool.name in ("token", "none"):
-            fc_norm_to = "norm."  # a per-token norm after taking tokens is a final norm
-        psb = {"in_norm.": "norm1.", "q_norm.": "attn.q_norm.", "k_norm.": "attn.k_norm.",
-               "attn_out_proj.": "attn.proj.", "mlp_out_proj.": "mlp.fc2.", "mlp_bias": "mlp.fc1.bias"}
+        parallel = PARALLEL.matches(src.keys())
+        # a norm after taking tokens (timm's fc_norm with token or no pooling) is a final norm
+        # when the model's pool has none
+        fc_norm_is_final = ("pool.norm.weight" not in tgt and "norm.weight" in tgt and "norm.weight" not in src
+                            and self.model.spec.pool.name in ("token", "none"))
         for skey in src.keys():
             if skey in self.used:
                 continue
-            tkey = skey
-            if skey.startswith("fc_norm.") and fc_norm_to:
-                tkey = fc_norm_to + skey[len("fc_norm."):]
-            elif skey.startswith("attn_pool."):
-                tkey = "pool." + skey[len("attn_pool."):]
-            elif m := re.match(r"(blocks\.\d+\.)(.*)$", skey):
-                head, rest = m.groups()
-                for old, new in psb.items():
-                    if rest.startswith(old) and head + "in_proj.weight" in src:
-                        tkey = head + new + rest[len(old):]
-                        break
+            tkey = VITLAB.to_vitlab(skey)
+            if fc_norm_is_final and skey.startswith("fc_norm."):
+                tkey = "norm." + skey[len("fc_norm."):]
+            elif parallel:
+                tkey = PARALLEL.to_vitlab(tkey)
             if tkey in tgt and tkey not in self._status:
                 self.direct(tkey, skey)
 
@@ -395,6 +377,10 @@ def plan_load(model, src: Source) -> tuple[_Plan, LoadReport]:
     family = family_of(src.keys())
     if family is not None:  # another timm family's names: seen in ViT names (``bridge``)
         src = family.adapt(src)
+    from .equivalents import renames
+
+    if (plugins := renames(model.registry)) is not None:  # plugin twins' parameter names
+        src = plugins.adapt(src)
     plan = _Plan(model, src)
     report = plan.build()
     report.notes[:0] = [n for n in (note, converted) if n]

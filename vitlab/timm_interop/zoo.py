@@ -32,6 +32,8 @@ class Outcome:
     family: str
     kind: str
     reason: str = ""
+    exported: bool = False  # a read model whose spec goes back to timm and reads back the same
+    export_reason: str = ""
 
 
 @dataclass
@@ -46,6 +48,10 @@ class FamilyCoverage:
     @property
     def read(self) -> int:
         return sum(o.kind == "read" for o in self.outcomes)
+
+    @property
+    def exported(self) -> int:
+        return sum(o.exported for o in self.outcomes)
 
     def first(self, kind: str) -> Outcome | None:
         return next((o for o in self.outcomes if o.kind == kind), None)
@@ -90,12 +96,31 @@ def read_one(name: str, family: str) -> Outcome:
     except Exception as exc:  # noqa: BLE001 - timm's own limitation, not vitlab's
         return Outcome(name, family, "unbuildable", f"{type(exc).__name__}: {_reason(exc)}")
     try:
-        spec_from_timm(model)
+        spec = spec_from_timm(model)
     except VitlabError as exc:
         return Outcome(name, family, "refused", _reason(exc))
     except Exception as exc:  # noqa: BLE001 - the point is to report it, not to stop
         return Outcome(name, family, "crash", f"{type(exc).__name__}: {exc}")
-    return Outcome(name, family, "read")
+    return Outcome(name, family, "read", **_export(spec))
+
+
+def _export(spec) -> dict:
+    """Back to timm, on meta: ``timm_class(spec)(**timm_kwargs(spec))`` reads back as ``spec`` (but
+    for the fields the family's timm class does not keep, ``Export.unkept``: NaFlexVit's nominal size)."""
+    from .spec_from import spec_from_timm
+    from .to_timm import timm_class, timm_kwargs, unkept_fields
+
+    try:
+        with torch.device("meta"):
+            back = spec_from_timm(timm_class(spec)(**timm_kwargs(spec)))
+    except VitlabError as exc:
+        return {"export_reason": _reason(exc)}
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return {"export_reason": f"crash {type(exc).__name__}: {exc}"}
+    drop = {"name", *unkept_fields(spec)}
+    if back.model_dump(exclude=drop) != spec.model_dump(exclude=drop):
+        return {"export_reason": "timm's model reads back as another spec"}
+    return {"exported": True}
 
 
 def coverage(which: Iterable[str] | None = None, names: Iterable[str] | None = None) -> list[FamilyCoverage]:
@@ -122,14 +147,21 @@ def markdown(table: list[FamilyCoverage]) -> str:
     """The README's table: family, read / total, and the first refusal per family."""
     import timm
 
-    rows = [f"Counted with timm {timm.__version__}, every model built on the meta device.", "",
-            "| timm module | read | first refusal |", "|---|---:|---|"]
+    rows = [f"Counted with timm {timm.__version__}, every model built on the meta device. *Back to timm*: the "
+            "spec read gives timm's class and arguments (`timm_class`, `timm_kwargs`), and that model reads back "
+            "as the same spec (NaFlexVit's but for its nominal image size, which timm does not keep).", "",
+            "| timm module | read | back to timm | first refusal |", "|---|---:|---:|---|"]
     for cov in table:
         first = cov.first("crash") or cov.first("refused") or cov.first("unbuildable")
-        why = "" if first is None else f"`{first.name}`: {first.reason}".replace("|", "\\|")
+        why = "" if first is None else f"`{first.name}`: {first.reason}"
         if first is not None and first.kind != "refused":
             why = f"**{first.kind}** {why}"
-        rows.append(f"| `{cov.family}` | {cov.read} / {cov.total} | {why} |")
+        unexported = next((o for o in cov.outcomes if o.kind == "read" and not o.exported), None)
+        if first is None and unexported is not None:
+            why = f"export of `{unexported.name}`: {unexported.export_reason}"
+        why = why.replace("|", "\\|")
+        rows.append(f"| `{cov.family}` | {cov.read} / {cov.total} | {cov.exported} / {cov.read} | {why} |")
     read, total = sum(c.read for c in table), sum(c.total for c in table)
-    rows.append(f"| **all** | **{read} / {total}** | |")
+    exported = sum(c.exported for c in table)
+    rows.append(f"| **all** | **{read} / {total}** | **{exported} / {read}** | |")
     return "\n".join(rows)

@@ -1,0 +1,172 @@
+"""timm's ``xcit`` family (issue 12): every model read on the meta device, outputs equal to timm's
+after loading its weights (BatchNorm running statistics included), FLOPs equal to fvcore's on
+timm's own model, derived counts equal to full ones, and a round trip back to timm's ``Xcit``.
+
+References are timm's own modules and outputs, and fvcore on timm's model; every timm model is
+built with ``pretrained=False``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from vitlab import SpecError  # noqa: E402
+from vitlab.context import BuildContext  # noqa: E402
+from vitlab.state import ForwardState  # noqa: E402
+from vitlab.timm_interop import spec_from_timm, timm_kwargs  # noqa: E402
+from timm_reference import assert_close, assert_derived_equals_full, assert_family_reads  # noqa: E402
+from timm_reference import assert_flops_match_fvcore, assert_outputs_match_timm  # noqa: E402
+from timm_reference import assert_round_trip, images, randomize  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
+
+
+def batch_stats(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Running statistics away from BatchNorm's (0, 1) start, so a wrongly mapped or ignored
+    buffer shows in the outputs (``randomize`` perturbs parameters only)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+# --- reading, on the meta device ------------------------------------------------------------------
+
+def test_every_xcit_model_reads():
+    assert_family_reads("xcit", total=28)
+
+
+def test_xcit_spec_is_two_stages():
+    spec = spec_from_timm("xcit_small_24_p8_384")  # timm: depth 24, tokens_norm, 8 px patches
+    assert [(st.depth, st.embed_dim, st.num_heads) for st in spec.stages] == [(24, 384, 8), (2, 384, 8)]
+    assert spec.stages[1].transition.name == "class_token" and not spec.class_token
+    assert (spec.patch_embed.name, spec.pos_embed.name, spec.attention.name, spec.block.name) == (
+        "xcit_stem", "fourier", "xca", "xcit")
+    (layer,) = spec.layers
+    assert (layer.at, layer.attention.name, layer.block.name) == ("24-25", "class_attn", "xcit_class")
+    assert layer.block.params["tokens_norm"] is True
+    assert spec_from_timm("xcit_nano_12_p16_224").layers[0].block.params["tokens_norm"] is False
+
+
+@pytest.mark.parametrize("kw, feature", [
+    (dict(drop_path_rate=0.1), "stochastic depth"),
+    (dict(cls_attn_layers=0), "without class-attention blocks"),
+])
+def test_refusals_name_the_feature(kw, feature):
+    with pytest.raises(SpecError, match=feature) as info:
+        spec_from_timm("xcit_nano_12_p16_224", depth=1, **kw)
+    assert "timm model 'xcit_nano_12_p16_224'" in str(info.value)
+
+
+# --- components against timm's own modules -----------------------------------------------------------
+
+def _context(**kw) -> BuildContext:
+    base = dict(embed_dim=32, num_heads=4, mlp_hidden_dim=128, img_size=(64, 48), patch_size=(16, 16), in_chans=3,
+                grid_size=(4, 3), class_token=False, reg_tokens=0, depth=1)
+    return BuildContext(**{**base, **kw})
+
+
+def test_fourier_encoding_is_timms_on_any_grid():
+    """The ``fourier`` position encoding added to tokens equals timm's ``PositionalEncodingFourier``
+    output (its 1x1 conv's weights copied), on a non-square grid and after a prefix token."""
+    from timm.models.xcit import PositionalEncodingFourier
+
+    from vitlab.components.fourier import FourierPosEncoding
+
+    theirs = randomize(PositionalEncodingFourier(hidden_dim=16, dim=32, temperature=100.0))
+    ours = FourierPosEncoding(_context(), FourierPosEncoding.Params(hidden_dim=16, temperature=100.0))
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 1 + 5 * 3, 32)
+    with torch.no_grad():
+        got = ours(x, ForwardState.start((5, 3), num_prefix=1))
+        pe = theirs(2, 5, 3).flatten(2).transpose(1, 2)  # (B, N, D)
+    assert torch.equal(got[:, :1], x[:, :1])
+    assert_close(got[:, 1:], x[:, 1:] + pe)
+
+
+@pytest.mark.parametrize("patch", [8, 16])
+def test_stem_is_timms_conv_patch_embed(patch):
+    from timm.models.xcit import ConvPatchEmbed
+
+    from vitlab.components.xcit_stem import XcitStem
+
+    theirs = batch_stats(randomize(ConvPatchEmbed(img_size=64, patch_size=patch, embed_dim=32))).eval()
+    ours = XcitStem(_context(patch_size=(patch, patch)), XcitStem.Params()).eval()
+    ours.load_state_dict(theirs.state_dict())  # the same names: proj.{2 i}.{0: conv, 1: bn}
+    x = torch.randn(2, 3, 56, 40)  # not whole patches: both zero-pad inside the convolutions
+    with torch.no_grad():
+        tokens, grid = theirs(x)
+        assert_close(ours(x), tokens)
+    assert XcitStem.grid_size((56, 40), (patch, patch), None) == grid
+
+
+# --- outputs equal timm's, after loading timm's weights --------------------------------------------
+
+COMPARED = {  # name -> create_model kwargs
+    "xcit_nano_12_p16_224": dict(depth=2),  # class-token norm only (tokens_norm=False)
+    "xcit_tiny_12_p8_224": dict(depth=2, img_size=64),  # 8 px patches, tokens_norm=True
+    "xcit_small_24_p16_384": dict(depth=1, embed_dim=64, img_size=(64, 48), global_pool="avg"),  # mean of patches
+}
+
+
+@pytest.mark.parametrize("name", COMPARED)
+def test_outputs_match_timm(name):
+    tm = batch_stats(randomize(timm.create_model(name, pretrained=False, **COMPARED[name]))).eval()
+    # timm's Xcit takes any image size (the stem pads, the encoding follows the grid): so does the spec
+    other = torch.randn(1, 3, 80, 112, generator=torch.Generator().manual_seed(2))
+    assert_outputs_match_timm(tm, inputs=lambda spec: (images(spec), other))
+
+
+def test_features_without_pooling_match_timm():
+    """``global_pool=''``: every token after the final norm, the patches as the class blocks left them."""
+    tm = batch_stats(randomize(timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=1, img_size=64,
+                                                 global_pool="", num_classes=0))).eval()
+    assert_outputs_match_timm(tm, weights=tm)
+
+
+# --- FLOPs equal fvcore's on timm's own model -----------------------------------------------------------
+
+FLOPS = {
+    "xcit_nano_12_p16_224": dict(depth=2),
+    "xcit_tiny_12_p8_224": dict(depth=1),
+}
+
+
+@pytest.mark.parametrize("name", FLOPS)
+def test_flops_equal_fvcore_on_timm(name):
+    assert_flops_match_fvcore(name, **FLOPS[name])
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("xcit_nano_12_p16_224", dict(depth=3, img_size=64)),
+    ("xcit_tiny_24_p8_224", dict(depth=2, img_size=(64, 48), cls_attn_layers=3)),
+])
+def test_derived_equals_full(name, kw):
+    assert_derived_equals_full(spec_from_timm(name, **kw))
+
+
+# --- back to timm ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, kw", [
+    ("xcit_nano_12_p16_224", dict(depth=2, img_size=64)),
+    ("xcit_tiny_24_p8_384", dict(depth=1, img_size=64, global_pool="avg", num_classes=10)),
+])
+def test_round_trip_through_timm(name, kw):
+    assert_round_trip(spec_from_timm(name, **kw), prepare=batch_stats)
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda d: d["block"]["params"].update(lpi_kernel=5), "lpi_kernel 5"),
+    (lambda d: d["layers"][0]["block"]["params"].update(init_values=None), "layer scales"),
+    (lambda d: d.update(drop_path_rate=0.1), "stochastic depth"),
+    (lambda d: d["pos_embed"]["params"].update(hidden_dim=16), "position encoding 'fourier'"),
+])
+def test_export_refuses_what_timm_cannot_hold(change, named):
+    data = spec_from_timm("xcit_nano_12_p16_224", depth=1).to_dict()
+    change(data)
+    with pytest.raises(SpecError, match=named):
+        timm_kwargs(data)
