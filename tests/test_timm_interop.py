@@ -527,7 +527,7 @@ def test_to_timm_refuses_weights_without_a_place():
          init_values=0.1),  # one out_proj over [attention | MLP], one bias
 ], ids=["qk_norm_ls", "no_qkv_bias", "no_proj_bias", "diff_fused_out"])
 def test_parallel_table_read_both_ways_gives_timms_state_dict_back(kw):
-    """``bridge.PARALLEL`` read forward (split, renamed) and backwards gives timm's tensors exactly."""
+    """``families.PARALLEL`` read forward (split, renamed) and backwards gives timm's tensors exactly."""
     tm = timm_vit(**kw)
     model, _, _ = converted(tm)
     back, theirs = to_timm_state_dict(model), tm.state_dict()

@@ -26,7 +26,7 @@ from vitlab.timm_interop import (  # noqa: E402
 )
 from vitlab.timm_interop.beit import BEIT_EXPORT  # noqa: E402
 from vitlab.timm_interop import zoo  # noqa: E402
-from vitlab.timm_interop.bridge import EVA, EVA_KEY_BIAS, export_state_dict  # noqa: E402
+from vitlab.timm_interop.families import EVA, EVA_KEY_BIAS, export_state_dict  # noqa: E402
 from vitlab.timm_interop.eva import EVA_EXPORT  # noqa: E402
 from vitlab.timm_interop.relpos import RELPOS_EXPORT  # noqa: E402
 from timm_reference import assert_round_trip, randomize  # noqa: E402
@@ -85,7 +85,7 @@ def test_round_trip_through_timm(name, kw, cls):
                                        swiglu_align_to=1), EVA_KEY_BIAS),
 ])
 def test_eva_table_read_backwards_gives_timms_layouts(name, kw, family):
-    """``bridge.EVA`` (``EVA_KEY_BIAS``) read backwards into a timm model's keys gives back that
+    """``families.EVA`` (``EVA_KEY_BIAS``) read backwards into a timm model's keys gives back that
     model's own state dict, in each of Eva's layouts, a fused qkv split in the sizes of the target's
     q / k / v (the reference: timm's tensors, loaded and written back)."""
     tm = randomize(timm.create_model(name, pretrained=False, **kw))

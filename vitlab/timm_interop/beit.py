@@ -3,7 +3,7 @@
 A BEiT is a ViT with one class token whose attention keeps a learned relative position bias per
 block (``mhsa_relpos``), fuses q / v biases with a key bias that is always zero (``q_bias``,
 ``v_bias``), and whose layer scales are bare ``gamma_1`` / ``gamma_2`` parameters. The state-dict
-differences are the ``bridge.BEIT`` family table. The bias table is tied to the patch grid, so
+differences are the ``families.BEIT`` family table. The bias table is tied to the patch grid, so
 the spec has ``dynamic_img_size: false``. Back to timm, a spec with ``mhsa_relpos`` and the class
 token is a ``Beit`` (``BEIT_EXPORT``).
 """
@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import Problem, SpecError
 from ..spec import ViTSpec
-from .bridge import BEIT, export_state_dict
+from .families import BEIT, export_state_dict
 from .spec_from import _fmt_float, _Reader
 from .to_timm import Export, _norm_layer, check_uniform_blocks
 
@@ -223,7 +223,7 @@ def _beit_class(spec: ViTSpec) -> type:
 
 
 def beit_state_dict(model) -> dict[str, torch.Tensor]:
-    """A vitlab model's weights in timm Beit's names (``bridge.BEIT`` read backwards). Beit keeps no
+    """A vitlab model's weights in timm Beit's names (``families.BEIT`` read backwards). Beit keeps no
     key bias; vitlab's is dropped whatever its value, as softmax ignores it here: without RoPE or
     qk-norm, ``q . (k + b) = q . k + q . b`` adds the same logit to every key of a query."""
     target = meta_state_dict(_beit_class(model.spec), beit_kwargs(model.spec))

@@ -10,7 +10,7 @@ the class token. In vitlab that is a spec with ``stages``:
   ``class_attn`` attention in ``cait_class`` blocks (``LayerScaleBlockClassAttn``).
 
 The state-dict differences (``blocks_token_only.j`` is vitlab's block ``depth + j``, ``cls_token``
-the transition's, bare ``gamma_1`` / ``gamma_2`` layer scales) are the ``bridge.CAIT`` table.
+the transition's, bare ``gamma_1`` / ``gamma_2`` layer scales) are the ``families.CAIT`` table.
 """
 from __future__ import annotations
 
@@ -246,8 +246,8 @@ def cait_kwargs(spec: ViTSpec) -> dict[str, Any]:
 
 
 def cait_state_dict(model) -> dict[str, torch.Tensor]:
-    """A CaiT-shaped vitlab model's weights in timm Cait's names (``bridge.CAIT`` read backwards)."""
-    from .bridge import CAIT
+    """A CaiT-shaped vitlab model's weights in timm Cait's names (``families.CAIT`` read backwards)."""
+    from .families import CAIT
 
     cait_kwargs(model.spec)
     sd = {k: v.detach() for k, v in model.state_dict().items()}

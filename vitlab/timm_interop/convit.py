@@ -5,7 +5,7 @@ patches alone; its class token joins after them. In vitlab that is a staged reci
 stage 1 the GPSA blocks without a class token, stage 2 entered through the ``class_token``
 transition, its blocks plain ``mhsa``; the attention that differs from the recipe's is a ``layers``
 override. The learned position table covers the patches only. The state-dict difference (the class
-token is the transition's) is the ``bridge.CONVIT`` family table; GPSA keeps timm's names.
+token is the transition's) is the ``families.CONVIT`` family table; GPSA keeps timm's names.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import Problem, SpecError
 from ..spec import ViTSpec
-from .bridge import CONVIT
+from .families import CONVIT
 from .sam import attention_layers
 from .spec_from import _fmt_float, _Reader
 from .to_timm import Export

@@ -7,7 +7,7 @@ RoPE as the only position encoding (``rope``) and a final norm. The native proje
 concatenates 3 x 3 cells in (channel, row, col) order, zero-padding the grid, and maps them through
 an MLP (``unshuffle_mlp``); the classifier averages and norms without weights (``avg_std``,
 ``unshuffle_mlp_avg``). See ``vlm.py`` for what the VLM towers share; the state-dict differences
-are ``bridge.DEEPSEEK``.
+are ``families.DEEPSEEK``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..spec import ViTSpec
-from .bridge import DEEPSEEK
+from .families import DEEPSEEK
 from .to_timm import Export
 from .vlm import (
     RopeTowerReader, common_kwargs, merge_check, pool_kwargs, require, tower_state_dict, unsupported_spec,

@@ -6,7 +6,7 @@ keep q / k / v apart (``q_proj`` ...) or fuse them with EVA's bias-free key (``q
 norm its heads' output (``mhsa_subln``), and whose layer scales are bare ``gamma_1`` / ``gamma_2``
 parameters (Sapiens2: ``gamma_1`` only). Blocks may differ in their key / value heads (Sapiens2's
 grouped-query middle blocks): the spec's ``layers``. The state-dict differences are the
-``bridge.EVA`` family table (``bridge.EVA_KEY_BIAS`` with a key bias).
+``families.EVA`` family table (``families.EVA_KEY_BIAS`` with a key bias).
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ class EvaReader(_Reader):
 
 # --- spec -> timm --------------------------------------------------------------------------------
 # A spec whose position encoding is ``rope`` (only Eva has it) goes back to timm's ``Eva``
-# (``EVA_EXPORT``), its weights through ``bridge.EVA`` (``bridge.EVA_KEY_BIAS`` for AttentionRope's
+# (``EVA_EXPORT``), its weights through ``families.EVA`` (``families.EVA_KEY_BIAS`` for AttentionRope's
 # key bias) read backwards.
 
 import functools  # noqa: E402  (this section's own imports: the reader's are above)
@@ -218,7 +218,7 @@ import functools  # noqa: E402  (this section's own imports: the reader's are ab
 import torch  # noqa: E402
 
 from .beit import common_kwargs, conv_patch_embed, meta_state_dict, no_equivalent  # noqa: E402
-from .bridge import EVA, EVA_KEY_BIAS, export_state_dict  # noqa: E402
+from .families import EVA, EVA_KEY_BIAS, export_state_dict  # noqa: E402
 from .to_timm import Export  # noqa: E402
 
 # vitlab's RoPE variant <-> Eva's ``rope_type``
@@ -389,8 +389,8 @@ def _eva_class(spec: ViTSpec) -> type:
 
 
 def eva_state_dict(model) -> dict[str, torch.Tensor]:
-    """A vitlab model's weights in timm Eva's names (``bridge.EVA`` read backwards, or with
-    AttentionRope's key bias ``bridge.EVA_KEY_BIAS``, into the layout ``eva_kwargs`` builds: one
+    """A vitlab model's weights in timm Eva's names (``families.EVA`` read backwards, or with
+    AttentionRope's key bias ``families.EVA_KEY_BIAS``, into the layout ``eva_kwargs`` builds: one
     qkv projection, or q / k / v apart with grouped-query heads)."""
     family = EVA_KEY_BIAS if attn_type(model.spec) == "rope" else EVA
     return export_state_dict(model, family, meta_state_dict(_eva_class(model.spec), eva_kwargs(model.spec)))

@@ -7,7 +7,7 @@ blocks (``sandwich``) of RMS norms, attention with normed queries, keys and valu
 projections (``mhsa_qkvnorm``) and a GELU-tanh gated MLP (``glu``), every projection clamped in the
 E2B/E4B tower; no final norm. The native pool averages 3 x 3 cells (``cell_avg``); the classifier
 averages the tokens and norms them without weights (``avg_std``). See ``vlm.py`` for what the VLM
-towers share; the state-dict differences are ``bridge.GEMMA4``.
+towers share; the state-dict differences are ``families.GEMMA4``.
 
 timm's Gemma 4 takes any image size and keeps none: the spec's ``img_size`` is the model's
 ``pretrained_cfg`` input size, else timm's default (768).
@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..spec import ViTSpec
-from .bridge import GEMMA4
+from .families import GEMMA4
 from .spec_from import _fmt_float
 from .to_timm import Export
 from .vlm import TowerReader, common_kwargs, pool_kwargs, require, tower_state_dict, unsupported_spec

@@ -5,7 +5,7 @@ module: a conv or linear patch projection (``conv``, ``linear``, or ``naflex`` f
 pixel-major (ph, pw, C) patch layout), an optional norm, a learned position table of its own grid
 resampled to each image's grid (the ``naflex`` position encoding), and class / register tokens
 without positions. Blocks, norms and pooling are timm's ``VisionTransformer``'s and are read (and
-written back) as such. The state-dict differences are the ``bridge.NAFLEX`` family table.
+written back) as such. The state-dict differences are the ``families.NAFLEX`` family table.
 
 NaFlexVit accepts any image size (``dynamic_img_size: true``). Its variable-resolution path (patch
 dicts with coordinates and validity masks) is not vitlab's forward: what only acts there
@@ -213,8 +213,8 @@ def naflex_kwargs(spec: ViTSpec) -> dict[str, Any]:
 
 
 def naflex_state_dict(model) -> dict[str, torch.Tensor]:
-    """A vitlab model's weights in timm NaFlexVit's names (``bridge.NAFLEX`` read backwards)."""
-    from .bridge import NAFLEX
+    """A vitlab model's weights in timm NaFlexVit's names (``families.NAFLEX`` read backwards)."""
+    from .families import NAFLEX
 
     spec = model.spec
     kw = naflex_kwargs(spec)

@@ -7,7 +7,7 @@ resampled bilinearly to every grid (``rope_table``). The native projector, the m
 token, concatenates 2 x 2 cells in (row, col, channel) order and maps them through an MLP
 (``unshuffle_mlp``); the classifier averages and norms without weights (``avg_std``,
 ``unshuffle_mlp_avg``). See ``vlm.py`` for what the VLM towers share; the state-dict differences
-are ``bridge.QWEN3``.
+are ``families.QWEN3``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import functools
 from typing import Any
 
 from ..spec import ViTSpec
-from .bridge import QWEN3
+from .families import QWEN3
 from .to_timm import Export
 from .vlm import (
     RopeTowerReader, common_kwargs, merge_check, pool_kwargs, require, tower_state_dict, unsupported_spec,

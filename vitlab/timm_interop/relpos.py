@@ -6,7 +6,7 @@ small MLP over log-spaced offsets (timm ``RelPosMlp``, ``cr`` mode) per block
 (``mhsa_relpos_mlp``) or shared by every block (the position encoding ``relpos_mlp``), or from a
 table (``RelPosBias``: ``mhsa_relpos``). Which bias module is which component is one table,
 ``RELPOS_BIASES``, that reading and exporting share; the state-dict differences are the
-``bridge.RELPOS`` family table.
+``families.RELPOS`` family table.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ..spec import ViTSpec
 from .beit import (
     check_plain_attention, common_kwargs, conv_patch_embed, fc_norm_of, meta_state_dict, no_equivalent,
 )
-from .bridge import RELPOS, export_state_dict
+from .families import RELPOS, export_state_dict
 from .spec_from import _Reader
 from .to_timm import Export, check_uniform_blocks
 
@@ -206,7 +206,7 @@ def _relpos_class(spec: ViTSpec) -> type:
 
 
 def relpos_state_dict(model) -> dict[str, torch.Tensor]:
-    """A vitlab model's weights in timm VisionTransformerRelPos' names (``bridge.RELPOS`` read backwards)."""
+    """A vitlab model's weights in timm VisionTransformerRelPos' names (``families.RELPOS`` read backwards)."""
     target = meta_state_dict(_relpos_class(model.spec), relpos_kwargs(model.spec))
     return export_state_dict(model, RELPOS, target)
 

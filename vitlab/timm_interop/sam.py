@@ -5,7 +5,7 @@ SAM is a ViT without prefix tokens whose blocks attend in windows (``window``, p
 except at ``global_attn_indexes`` (``mhsa``, written as ``layers`` overrides), each with a
 decomposed relative position (``window_decomposed`` / ``mhsa_decomposed``), a learned position
 table over the patch grid, and no final norm: the neck (``sam_neck``) and an average pool feed the
-classifier. The state-dict differences are the ``bridge.SAM`` family table: the neck and the
+classifier. The state-dict differences are the ``families.SAM`` family table: the neck and the
 classifier live under the pool and head, and the position table is an image (1, gh, gw, D).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import Problem, SpecError
 from ..layout import format_indices
 from ..spec import ViTSpec
-from .bridge import SAM
+from .families import SAM
 from .spec_from import _fmt_float, _Reader
 from .to_timm import Export
 

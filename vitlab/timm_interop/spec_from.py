@@ -557,7 +557,7 @@ class _Reader:
 
         data["class_token"] = m.cls_token is not None
         data["reg_tokens"] = int(getattr(m, "num_reg_tokens", 0) or 0)
-        if distilled:  # the distillation token is the first register token (``bridge.DEIT_DISTILLED``)
+        if distilled:  # the distillation token is the first register token (``families.DEIT_DISTILLED``)
             if data["reg_tokens"] or m.no_embed_class:
                 raise self.unsupported("distillation token with register tokens or no_embed_class")
             if m.distilled_training:

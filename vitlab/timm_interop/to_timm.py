@@ -331,7 +331,7 @@ def patchify_state(spec: ViTSpec, sd: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def _parallel_values(spec: ViTSpec, sd: dict[str, torch.Tensor], target) -> None:
-    """What ``bridge.PARALLEL``'s names cannot say, done in vitlab's names before it is read
+    """What ``families.PARALLEL``'s names cannot say, done in vitlab's names before it is read
     backwards: timm's ParallelScalingBlock has one layer scale (``ls2`` must equal ``ls1``), always
     an MLP input bias and, with ``proj_bias``, an MLP output bias (zeros where vitlab's MLP has none;
     without, vitlab's must be zero), and a fused ``out_proj`` (DiffParallelScalingBlock) one bias."""
@@ -357,7 +357,8 @@ def vit_state_dict(model, embed: Callable[[ViTSpec, dict], dict] = patchify_stat
     embedding's weights out of ``sd`` in timm's names (a family with another embedder passes its own).
     The names are the tables of ``bridge`` read backwards into the keys of the timm model (built on
     the meta device), the values what those tables cannot say."""
-    from .bridge import DEIT_DISTILLED, PARALLEL, Family, export_state_dict
+    from .bridge import Family
+    from .families import DEIT_DISTILLED, PARALLEL, export_state_dict
     from .equivalents import renames
 
     spec, cls = model.spec, timm_class(model.spec)

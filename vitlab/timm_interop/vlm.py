@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import Problem, SpecError
 from ..spec import ViTSpec
-from .bridge import Family, export_state_dict
+from .bridge import Family
+from .families import export_state_dict
 from .eva import EvaReader
 from .spec_from import _fmt_float
 from .to_timm import check_uniform_blocks
@@ -245,7 +246,7 @@ def common_kwargs(spec: ViTSpec) -> dict[str, Any]:
 
 
 class _Weights:
-    """A state dict standing in for the model ``bridge.export_state_dict`` reads."""
+    """A state dict standing in for the model ``families.export_state_dict`` reads."""
 
     def __init__(self, sd: dict[str, torch.Tensor]):
         self.sd = sd

@@ -227,8 +227,8 @@ class _Plan:
 
     def blocks(self) -> None:
         """The block tensors timm fuses, split in the model's sizes: ParallelScalingBlock's
-        (``bridge.PARALLEL``) and a packed SwiGLU's ``fc1`` (``bridge.SWIGLU_PACKED``)."""
-        from .bridge import PARALLEL, SWIGLU_PACKED
+        (``families.PARALLEL``) and a packed SwiGLU's ``fc1`` (``families.SWIGLU_PACKED``)."""
+        from .families import PARALLEL, SWIGLU_PACKED
 
         src, tgt = self.src, self.target
         indices = sorted({int(m.group(1)) for k in src.keys() if (m := re.match(r"blocks\.(\d+)\.", k))})
@@ -267,10 +267,10 @@ class _Plan:
                 start += n
 
     def _parallel(self, p: str) -> None:
-        """What ``bridge.PARALLEL``'s names cannot say about timm's ParallelScalingBlock: its one
+        """What ``families.PARALLEL``'s names cannot say about timm's ParallelScalingBlock: its one
         layer scale serves both branches, a fused ``out_proj``'s one bias either branch, and the
         MLP output bias it may lack is zero."""
-        from .bridge import PARALLEL
+        from .families import PARALLEL
 
         src, tgt = self.src, self.target
         if (ls := p + "ls.gamma") in src:
@@ -347,8 +347,8 @@ class _Plan:
 
     def renamed(self) -> None:
         """Every other checkpoint tensor under its model key: timm's ViT names read forward
-        (``bridge.VITLAB``, and ``bridge.PARALLEL`` for a ParallelScalingBlock checkpoint)."""
-        from .bridge import PARALLEL, VITLAB
+        (``families.VITLAB``, and ``families.PARALLEL`` for a ParallelScalingBlock checkpoint)."""
+        from .families import PARALLEL, VITLAB
 
         tgt, src = self.target, self.src
         parallel = PARALLEL.matches(src.keys())
@@ -369,7 +369,7 @@ class _Plan:
 
 
 def plan_load(model, src: Source) -> tuple[_Plan, LoadReport]:
-    from .bridge import family_of
+    from .families import family_of
     from .layouts import convert
 
     note = src.note

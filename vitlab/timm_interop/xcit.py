@@ -7,7 +7,7 @@ An XCiT is a staged vitlab model:
 * stage 1: a ``class_token`` transition and XCiT's class-attention blocks (``layers``: attention
   ``class_attn``, block ``xcit_class``), then the final norm and the pool.
 
-The state-dict names are the ``bridge.XCIT`` family table (bare ``gamma1..3`` layer scales, the
+The state-dict names are the ``families.XCIT`` family table (bare ``gamma1..3`` layer scales, the
 class token, the class-attention blocks numbered on after ``blocks``), read forward on load and
 inverted here on export.
 """
@@ -326,8 +326,8 @@ def xcit_kwargs(spec: ViTSpec) -> dict[str, Any]:
 
 
 def xcit_state_dict(model) -> dict[str, torch.Tensor]:
-    """An XCiT model's weights in timm's names: ``bridge.XCIT`` read backwards."""
-    from .bridge import XCIT
+    """An XCiT model's weights in timm's names: ``families.XCIT`` read backwards."""
+    from .families import XCIT
 
     xcit_kwargs(model.spec)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
