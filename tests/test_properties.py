@@ -199,7 +199,8 @@ def _expected_shapes(spec) -> dict[str, tuple[int, ...]]:
     if spec.reg_tokens:
         shapes["reg_token"] = (1, spec.reg_tokens, D)
     if spec.num_classes:
-        shapes["head.weight"], shapes["head.bias"] = (spec.num_classes, D), (spec.num_classes,)
+        width = POOL_WIDTH.get(spec.pool.name, lambda p, D: D)(spec.pool.params, D)  # what the pool hands the head
+        shapes["head.weight"], shapes["head.bias"] = (spec.num_classes, width), (spec.num_classes,)
     embed = spec.patch_embed
     if embed.name == "conv":
         shapes["patch_embed.proj.weight"] = (D, spec.in_chans, ph, pw)

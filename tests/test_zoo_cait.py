@@ -19,7 +19,7 @@ from vitlab.maps import attention_maps, attention_rollout, recording, stages  # 
 from vitlab.timm_interop import load_timm_weights, spec_from_timm, timm_kwargs, zoo  # noqa: E402
 from timm_reference import assert_derived_equals_full, assert_family_reads  # noqa: E402
 from timm_reference import assert_flops_match_fvcore, assert_outputs_match_timm  # noqa: E402
-from timm_reference import assert_round_trip, randomize  # noqa: E402
+from timm_reference import assert_close, assert_round_trip, randomize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread", "fast_init")
 
@@ -198,3 +198,31 @@ def test_attention_maps_of_both_stages():
     assert attention_rollout(maps[:2]).shape == (2, 16, 16)
     with pytest.raises(vitlab.VitlabError, match="square maps"):
         attention_rollout(maps[2:])
+
+
+def test_class_attention_under_rope_is_self_attentions_class_row():
+    """With a q/k position transform (the built-in ``rope``), ``class_attn`` gives what full
+    self-attention with its q / k / v weights gives the class token: row 0 of softmax(q kᵀ / √d) v,
+    computed here by hand with the transform applied to every token's query and key."""
+    import torch.nn.functional as F
+
+    from vitlab import ForwardState, load_spec
+
+    spec = load_spec({"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                      "num_classes": 0, "pos_embed": {"name": "rope"}, "attention": "class_attn",
+                      "block": "cait_class"})
+    model = build_model(spec, seed=0).eval()
+    attn = model.blocks[0].attn
+    state = ForwardState.start((4, 4), 1, model.pos_embed)
+    assert state.qk_transform is not None
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(5))
+
+    def heads(t):  # (B, N, D) -> (B, 2, N, 16)
+        return t.reshape(2, t.shape[1], 2, 16).transpose(1, 2)
+
+    with torch.no_grad():
+        q, k = state.transform_qk(heads(attn.q(x)), heads(attn.k(x)))
+        probs = F.softmax(q[:, :, :1] @ k.transpose(-2, -1) / 16 ** 0.5, dim=-1)  # (B, 2, 1, N)
+        theirs = attn.proj((probs @ heads(attn.v(x))).transpose(1, 2).reshape(2, 1, 32))
+        ours = attn(x, state)
+    assert_close(ours, theirs)

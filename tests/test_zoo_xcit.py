@@ -12,6 +12,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
+import vitlab  # noqa: E402
 from vitlab import SpecError  # noqa: E402
 from vitlab.context import BuildContext  # noqa: E402
 from vitlab.state import ForwardState  # noqa: E402
@@ -170,3 +171,15 @@ def test_export_refuses_what_timm_cannot_hold(change, named):
     change(data)
     with pytest.raises(SpecError, match=named):
         timm_kwargs(data)
+
+
+@pytest.mark.parametrize("where", [{"attention": "xca"}, {"layers": [{"at": 1, "attention": "xca"}]}])
+def test_xca_under_an_attention_bias_is_refused_when_the_recipe_validates(where):
+    """xca has no token pairs to bias: a position encoding that gives an attention bias
+    (``relpos_mlp``) is refused at validation, at the entry that chose xca, not at the forward."""
+    data = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "pos_embed": "relpos_mlp",
+            **where}
+    with pytest.raises(SpecError) as info:
+        vitlab.load_spec(data)
+    loc = "attention" if "attention" in where else "layers.0.attention"
+    assert f"{loc}: xca has no place for the attention bias pos_embed 'relpos_mlp' gives" in str(info.value)

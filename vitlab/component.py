@@ -100,6 +100,12 @@ class PosEncoding(Component):
         """An additive bias broadcastable to (B, heads, P + N, P + N) for every attention, or ``None``."""
         return None
 
+    @classmethod
+    def gives_attn_bias(cls) -> bool:
+        """Whether this encoding has an ``attn_bias`` of its own (checked against attention that
+        takes none, ``Attention.takes_attn_bias``, when a recipe validates)."""
+        return cls.attn_bias is not PosEncoding.attn_bias
+
     def after_block(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         """Tokens after block ``state.block_index``; the default adds nothing."""
         return x
@@ -118,6 +124,9 @@ class Attention(Component):
 
     kind = "attention"
     has_maps: ClassVar[bool] = True
+    # False: no place for an additive bias over token pairs (XCiT's channel attention); a recipe
+    # whose position encoding gives one is refused when it validates
+    takes_attn_bias: ClassVar[bool] = True
 
     def __init__(self, ctx: BuildContext, params: Any):
         super().__init__(ctx, params)

@@ -25,6 +25,7 @@ from pydantic_core import InitErrorDetails
 from .component import BLOCK_KINDS, KINDS
 from .context import BuildContext
 from .layout import BlockPlan, StagePlan, parse_at
+from .limits import LIMITS
 from .registry import Registry
 from .selection import (  # noqa: F401  (ComponentSpec and the helpers are re-exported for callers)
     ComponentSpec,
@@ -47,15 +48,6 @@ from .selection import (  # noqa: F401  (ComponentSpec and the helpers are re-ex
 # Sizes beyond any model that can be built: a recipe past them is refused at validation, before
 # anything (even a meta tensor, whose byte count overflows near 2**63) is made. ViT-22B uses
 # depth 48, width 6144, MLP width 24576 and 1000 classes: each limit leaves orders of magnitude.
-LIMITS: dict[str, int] = {
-    "depth": 10_000,
-    "embed_dim": 2**20,
-    "mlp_hidden_dim": 2**24,
-    "num_classes": 2**24,
-    "reg_tokens": 2**16,
-    "in_chans": 2**12,
-    "img_size": 2**16,
-}
 
 
 class ViTSpec(BaseModel):
@@ -272,6 +264,22 @@ class ViTSpec(BaseModel):
                 errors.append(_error(loc, f"{sel.name}{from_plugin}{where} {exc}", sel.name))
             except Exception as exc:  # a bug in foreign code: say whose, not a traceback
                 errors.append(_error(loc, f"{sel.name}{from_plugin}: its check() raised {type(exc).__name__}: {exc}", sel.name))
+        return errors + self._check_bias_takers(registry)
+
+    def _check_bias_takers(self, registry: Registry) -> list[InitErrorDetails]:
+        """An attention with no place for an attention bias (``takes_attn_bias = False``) under a
+        position encoding that gives one, located at the recipe entry that chose the attention."""
+        pe = self.pos_embed.name
+        if not registry.get("pos_embed", pe).cls.gives_attn_bias():
+            return []
+        errors, seen = [], set()
+        for plan in self.block_plans():
+            sel, loc = plan.selections["attention"], plan.source["attention"]
+            if loc in seen or registry.get("attention", sel.name).cls.takes_attn_bias:
+                continue
+            seen.add(loc)
+            errors.append(_error(loc, f"{sel.name} has no place for the attention bias pos_embed '{pe}' gives "
+                                      "(a bias over token pairs)", sel.name))
         return errors
 
     # --- derived sizes ----------------------------------------------------------------------

@@ -16,7 +16,8 @@ The pieces, as a staged recipe writes them (stage 2 of a CaiT)::
 * attention ``class_attn``: queries from the first (class) token only, keys and values from every
   token: (B, N, D) -> (B, 1, D), the class token's update alone (timm's ``ClassAttn``: separate
   ``q``, ``k``, ``v`` and ``proj`` linears). Its attention map is (B, heads, 1, N). The state's
-  shared attention bias is used by its first row; a q/k position transform (RoPE) is refused.
+  shared attention bias is used by its first row; a q/k position transform (RoPE) acts on the
+  class token's query as it would in self-attention.
 * block ``cait_class``: CaiT's class-attention block (timm ``LayerScaleBlockClassAttn``): only the
   class token changes, ``c + ls1(attn(norm1([c, x])))``, then ``c + ls2(mlp(norm2(c)))``; the
   other tokens pass through. With another attention it keeps that attention's class-token row.
@@ -70,11 +71,15 @@ class ClassAttention(Attention):
         return x.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        if state.qk_transform is not None:
-            raise ValueError("class_attn takes no q/k position transform (RoPE): its one query has no grid position")
-        B, _, D = x.shape
+        B, N, D = x.shape
         q = self._heads(self.q(x[:, :1]))  # (B, heads, 1, head_dim): the class token asks
         k, v = self._heads(self.k(x)), self._heads(self.v(x))  # (B, heads, N, head_dim)
+        if state.qk_transform is not None:
+            # the class token's query as self-attention would transform it: row 0 of a full-length
+            # query (the other rows are zeros, dropped after), so any q/k transform (RoPE) treats it
+            # as it treats a prefix token, whatever its convention
+            full, k = state.transform_qk(torch.cat([q, q.new_zeros(B, self.num_heads, N - 1, self.head_dim)], 2), k)
+            q = full[:, :, :1]
         bias = None if state.attn_bias is None else state.attn_bias[..., :1, :]  # the class token's row
         out = self.attend(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, bias=bias)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, 1, D)))  # (B, 1, D)

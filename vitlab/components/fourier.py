@@ -14,6 +14,7 @@ from torch import nn
 from ..component import PosEncoding
 from ..context import BuildContext
 from ..state import ForwardState
+from ..limits import LIMITS
 
 _EPS = 1e-6  # timm's: keeps the last row / column just below 2π
 
@@ -41,7 +42,7 @@ class FourierPosEncoding(PosEncoding):
     name = "fourier"
 
     class Params(PosEncoding.Params):
-        hidden_dim: int = Field(32, gt=0, description="Fourier features per axis (even: alternating sin, cos)")
+        hidden_dim: int = Field(32, gt=0, le=LIMITS["embed_dim"], description="Fourier features per axis (even: alternating sin, cos)")
         temperature: float = Field(10_000.0, gt=0.0)
 
     @classmethod

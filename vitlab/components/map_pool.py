@@ -12,6 +12,7 @@ from torch import nn
 from ..component import Pool
 from ..context import BuildContext
 from ..layers import ACTIVATIONS, Linear
+from ..limits import LIMITS
 from .mlp import Activation
 
 
@@ -34,9 +35,9 @@ class MapPool(Pool):
     name = "map"
 
     class Params(Pool.Params):
-        num_heads: Optional[int] = Field(None, gt=0, description="null = the model's num_heads")
+        num_heads: Optional[int] = Field(None, gt=0, le=LIMITS["embed_dim"], description="null = the model's num_heads")
         mlp_ratio: Optional[float] = Field(None, gt=0.0, description="null = the model's mlp_ratio")
-        latent_len: int = Field(1, gt=0, description="number of latent queries")
+        latent_len: int = Field(1, gt=0, le=LIMITS["reg_tokens"], description="number of latent queries")
         reduce: Literal["token", "avg"] = "token"  # first latent, or mean over latents
         qkv_bias: bool = True
         qk_norm: bool = False  # the recipe's norm over head_dim on queries and keys

@@ -10,6 +10,7 @@ from torch import nn
 from ..component import PosEncoding
 from ..context import BuildContext
 from ..state import ForwardState
+from ..limits import LIMITS
 
 
 def resample_grid(pe: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
@@ -105,8 +106,8 @@ class PositionGenerator(PosEncoding):
     name = "peg"
 
     class Params(PosEncoding.Params):
-        at_block: int = Field(0, ge=0, description="the block after which the generator runs (CPVT: 0)")
-        kernel_size: int = Field(3, gt=0, description="odd side of the depthwise convolution")
+        at_block: int = Field(0, ge=0, le=LIMITS["depth"], description="the block after which the generator runs (CPVT: 0)")
+        kernel_size: int = Field(3, gt=0, le=LIMITS["img_size"], description="odd side of the depthwise convolution")
 
     @classmethod
     def check(cls, ctx: BuildContext, params: Params) -> None:

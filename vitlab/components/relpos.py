@@ -20,6 +20,7 @@ from ..component import PosEncoding
 from ..context import BuildContext
 from ..layers import Linear
 from ..state import ForwardState
+from ..limits import LIMITS
 from .attention import MultiHeadSelfAttention
 
 
@@ -139,7 +140,7 @@ class RelPosMlpAttention(MultiHeadSelfAttention):
     name = "mhsa_relpos_mlp"
 
     class Params(MultiHeadSelfAttention.Params):
-        bias_hidden: int = Field(128, gt=0, description="hidden width of the MLP computing the bias (timm rel_pos_dim)")
+        bias_hidden: int = Field(128, gt=0, le=LIMITS["embed_dim"], description="hidden width of the MLP computing the bias (timm rel_pos_dim)")
 
     def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params)
@@ -158,7 +159,7 @@ class SharedRelPosMlp(PosEncoding):
     name = "relpos_mlp"
 
     class Params(PosEncoding.Params):
-        hidden: int = Field(128, gt=0, description="hidden width of the MLP computing the bias (timm rel_pos_dim)")
+        hidden: int = Field(128, gt=0, le=LIMITS["embed_dim"], description="hidden width of the MLP computing the bias (timm rel_pos_dim)")
 
     def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params)

@@ -23,6 +23,7 @@ from ..component import Pool
 from ..context import BuildContext
 from ..layers import Linear
 from ..state import ForwardState
+from ..limits import LIMITS
 from .attention import MultiHeadSelfAttention
 from .relpos import _plus_shared
 from .window import WindowAttention
@@ -126,7 +127,7 @@ class SamNeck(Pool):
 
     class Params(Pool.Params):
         channels: Optional[int] = Field(
-            256, gt=0, description="width of the neck's convolutions; null = no convolutions, only the "
+            256, gt=0, le=LIMITS["embed_dim"], description="width of the neck's convolutions; null = no convolutions, only the "
                                    "LayerNorm over the tokens' width (timm neck_chans=None)")
         eps: float = Field(1e-6, gt=0.0, description="epsilon of the neck's LayerNorms (timm LayerNorm2d: 1e-6)")
 

@@ -16,6 +16,7 @@ from ..component import Transition
 from ..context import BuildContext
 from ..layers import Linear
 from ..state import ForwardState
+from ..limits import LIMITS
 
 
 def _grid_tokens(x: torch.Tensor, state: ForwardState, who: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +36,7 @@ class PitPooling(Transition):
     name = "pit_pool"
 
     class Params(Transition.Params):
-        stride: int = Field(2, gt=0, description="grid stride; the kernel is stride + 1, padding stride // 2")
+        stride: int = Field(2, gt=0, le=LIMITS["img_size"], description="grid stride; the kernel is stride + 1, padding stride // 2")
 
     @classmethod
     def out_grid(cls, grid, params: Params):

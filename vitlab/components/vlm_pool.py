@@ -27,6 +27,7 @@ from torch import nn
 from ..component import Pool
 from ..context import BuildContext
 from ..layers import ACTIVATIONS, Linear
+from ..limits import LIMITS
 from .mlp import Activation
 
 PlainNorm = Literal["layernorm", "rmsnorm"]
@@ -90,11 +91,11 @@ class UnshuffleMlpPool(_CellPool):
     name = "unshuffle_mlp"
 
     class Params(Pool.Params):
-        merge_size: int = Field(2, gt=0, description="k: cells of k x k patches become one token")
+        merge_size: int = Field(2, gt=0, le=LIMITS["img_size"], description="k: cells of k x k patches become one token")
         order: Literal["hwc", "chw"] = "hwc"  # a cell's channels: (row, col, D) as Qwen, (D, row, col) as DeepSeek
         norm: StrictBool = False  # the recipe's norm on each patch token before merging (Qwen's merger)
-        hidden: Optional[int] = Field(None, gt=0, description="fc1 width; null = k * k * embed_dim")
-        out_features: Optional[int] = Field(None, gt=0, description="fc2 width; null = no fc2 (fc1's output)")
+        hidden: Optional[int] = Field(None, gt=0, le=LIMITS["embed_dim"], description="fc1 width; null = k * k * embed_dim")
+        out_features: Optional[int] = Field(None, gt=0, le=LIMITS["embed_dim"], description="fc2 width; null = no fc2 (fc1's output)")
         act: Activation = "gelu"
 
     @classmethod
@@ -155,7 +156,7 @@ class CellAvgPool(_CellPool):
     name = "cell_avg"
 
     class Params(Pool.Params):
-        kernel: int = Field(2, gt=0, description="k: cells of k x k patches become one token (Gemma 4: 3)")
+        kernel: int = Field(2, gt=0, le=LIMITS["img_size"], description="k: cells of k x k patches become one token (Gemma 4: 3)")
         standardize: StrictBool = False  # the std_bias / std_scale buffers after pooling (Gemma 4 31B)
 
     @classmethod

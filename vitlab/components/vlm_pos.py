@@ -20,6 +20,7 @@ from torch import nn
 from ..component import PosEncoding
 from ..context import BuildContext
 from ..state import ForwardState, QKTransform
+from ..limits import LIMITS
 from .rope import RotaryPosEmbed, _rotate
 
 
@@ -92,7 +93,7 @@ class AxisRope(PosEncoding):
         rotate_half: StrictBool = True  # within an axis's half: pair channel i with i + head_dim/4, or neighbours
         grid_indexing: Literal["ij", "xy"] = "xy"  # which axis takes the first half (xy: columns, Gemma's x)
         axis_table: Optional[int] = Field(
-            None, gt=0, description="positions per axis of the learned tables (Gemma 4: 10240); null = none")
+            None, gt=0, le=LIMITS["img_size"], description="positions per axis of the learned tables (Gemma 4: 10240); null = none")
 
     @classmethod
     def check(cls, ctx: BuildContext, params: Params) -> None:

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from ..context import BuildContext
 from ..state import ForwardState
+from ..limits import LIMITS
 from .attention import QKVAttention
 
 
@@ -46,7 +47,7 @@ class WindowAttention(QKVAttention):
     name = "window"
 
     class Params(QKVAttention.Params):
-        window_size: int = Field(14, gt=0, description="window side in patches; the grid is zero-padded to whole windows")
+        window_size: int = Field(14, gt=0, le=LIMITS["img_size"], description="window side in patches; the grid is zero-padded to whole windows")
         attn_drop: float = Field(0.0, ge=0.0, lt=1.0)
 
     def __init__(self, ctx: BuildContext, params: Params):

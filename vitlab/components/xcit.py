@@ -21,6 +21,7 @@ from torch import nn
 from ..context import BuildContext
 from ..layers import ACTIVATIONS, drop_path, layer_scale
 from ..state import ForwardState
+from ..limits import LIMITS
 from .attention import QKVAttention
 from .block import _TwoBranchBlock
 from .class_attention import ClassAttention
@@ -31,6 +32,7 @@ class CrossCovarianceAttention(QKVAttention):
     """Cross-covariance attention: heads mix channels by softmax(temperature * q̂ᵀ k̂), q̂, k̂ L2-normed (XCiT)."""
 
     name = "xca"
+    takes_attn_bias = False  # channels attend to channels: no token pairs to bias
     has_maps = False  # its probabilities are (head_dim x head_dim) over channels: no map over tokens
 
     class Params(QKVAttention.Params):
@@ -89,7 +91,7 @@ class XcitBlock(_TwoBranchBlock):
     class Params(_TwoBranchBlock.Params):
         init_values: Optional[float] = Field(1.0, gt=0.0, description="layer scale init of all three branches "
                                                                        "(timm's eta); null = no layer scale")
-        lpi_kernel: int = Field(3, gt=0, description="odd side of the two depthwise convolutions of the LPI")
+        lpi_kernel: int = Field(3, gt=0, le=LIMITS["img_size"], description="odd side of the two depthwise convolutions of the LPI")
         lpi_act: Activation = "gelu"
 
     @classmethod
