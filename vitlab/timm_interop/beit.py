@@ -51,12 +51,7 @@ class BeitReader(_Reader):
         from timm.models.beit import Block as BeitBlock
 
         where = where or f"blocks.{i}"
-        if type(b) is not BeitBlock:
-            raise self.unsupported(f"block type {type(b).__module__}.{type(b).__name__} at {where}")
-        attn = self.attention(b.attn, f"{where}.attn")
-        mlp = self.mlp(b.mlp, f"{where}.mlp")
-        self.norm(b.norm1, f"{where}.norm1")
-        self.norm(b.norm2, f"{where}.norm2")
+        attn, mlp = self.parts(b, where, (BeitBlock,))
         init = None
         if b.gamma_1 is not None:
             # only the initial value of a trained scale; any positive value builds the same layer

@@ -76,12 +76,7 @@ class CaitReader(_Reader):
 
         where = where or f"blocks.{i}"
         t = type(b)
-        if t not in (LayerScaleBlock, LayerScaleBlockClassAttn):
-            raise self.unsupported(f"block type {t.__module__}.{t.__name__} at {where}")
-        attn = self.attention(b.attn, f"{where}.attn")
-        mlp = self.mlp(b.mlp, f"{where}.mlp")
-        self.norm(b.norm1, f"{where}.norm1")
-        self.norm(b.norm2, f"{where}.norm2")
+        attn, mlp = self.parts(b, where, (LayerScaleBlock, LayerScaleBlockClassAttn))
         D = self.m.embed_dim
         if tuple(b.gamma_1.shape) != (D,) or tuple(b.gamma_2.shape) != (D,):
             raise self.unsupported(f"layer scale of another shape than ({D},) at {where}")

@@ -61,11 +61,7 @@ class ConVitReader(_Reader):
         from timm.models.convit import Block as ConVitBlock
 
         where = where or f"blocks.{i}"
-        if type(b) is not ConVitBlock:
-            raise self.unsupported(f"block type {type(b).__module__}.{type(b).__name__} at {where}")
-        attn, mlp = self.attention(b.attn, f"{where}.attn"), self.mlp(b.mlp, f"{where}.mlp")
-        self.norm(b.norm1, f"{where}.norm1")
-        self.norm(b.norm2, f"{where}.norm2")
+        attn, mlp = self.parts(b, where, (ConVitBlock,))
         return {"attn": attn, "mlp": mlp, "block": {"name": "prenorm", "params": {"init_values": None}},
                 "drop_path": float(getattr(b.drop_path, "drop_prob", 0.0))}
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..spec import ViTSpec
-from .families import DEEPSEEK
+from .families import DEEPSEEK, SWIGLU_PACKED
 from .to_timm import Export
 from .vlm import (
     RopeTowerReader, common_kwargs, merge_check, pool_kwargs, require, tower_state_dict, unsupported_spec,
@@ -84,18 +83,6 @@ def deepseek_kwargs(spec: ViTSpec) -> dict[str, Any]:
                 dynamic_img_pad=spec.patch_embed.params["pad"], **pool)
 
 
-def _pack_swiglu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """vitlab's ``mlp.fc1_g`` / ``fc1_x`` -> timm ``GluMlp``'s one ``fc1``, the gate's rows first."""
-    out = {}
-    for k, v in sd.items():
-        if ".mlp.fc1_x." in k:
-            continue
-        if ".mlp.fc1_g." in k:
-            k, v = k.replace(".fc1_g.", ".fc1."), torch.cat([v, sd[k.replace(".fc1_g.", ".fc1_x.")]], dim=0)
-        out[k] = v
-    return out
-
-
 def _deepseek_class(spec: ViTSpec) -> type:
     from timm.models.deepseek_vit import DeepseekVitClassifier
 
@@ -112,4 +99,5 @@ def _claims(spec: ViTSpec) -> bool:
 
 DEEPSEEK_EXPORT = Export(
     claims=_claims, timm_class=_deepseek_class, kwargs=deepseek_kwargs,
-    state_dict=lambda model: tower_state_dict(model, DEEPSEEK, deepseek_kwargs, _deepseek_class, _pack_swiglu))
+    state_dict=lambda model: tower_state_dict(model, DEEPSEEK, deepseek_kwargs, _deepseek_class,
+                                           SWIGLU_PACKED.restore))  # GluMlp's one fc1, the gate's rows first

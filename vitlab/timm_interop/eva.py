@@ -68,12 +68,7 @@ class EvaReader(_Reader):
 
         where = where or f"blocks.{i}"
         t = type(b)
-        if t not in (EvaBlock, EvaBlockPostNorm):
-            raise self.unsupported(f"block type {t.__module__}.{t.__name__} at {where}")
-        attn = self.attention(b.attn, f"{where}.attn")
-        mlp = self.mlp(b.mlp, f"{where}.mlp")
-        self.norm(b.norm1, f"{where}.norm1")
-        self.norm(b.norm2, f"{where}.norm2")
+        attn, mlp = self.parts(b, where, (EvaBlock, EvaBlockPostNorm))
         if t is EvaBlock:
             g1, g2 = b.gamma_1, b.gamma_2
             if g1 is None and g2 is not None:

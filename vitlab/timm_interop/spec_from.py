@@ -341,13 +341,22 @@ class _Reader:
         return {"attn": attn, "mlp": mlp, "block": block,
                 "drop_path": float(getattr(b.attns[0].drop_path, "drop_prob", 0.0))}
 
-    def two_branch(self, b: nn.Module, where: str, post: bool, dim: int | None = None) -> dict:
-        """A timm block of ``norm1, attn, ls1, norm2, mlp, ls2`` (``Block`` and its kin in other
-        families): pre-norm with layer scale on both branches or none, or res-post-norm (``post``)."""
+    def parts(self, b: nn.Module, where: str, types: tuple[type, ...] | None = None,
+              dim: int | None = None) -> tuple[dict, dict]:
+        """A block of ``norm1, attn, norm2, mlp`` (one of ``types`` when given, else refused by
+        name): its attention and MLP read, its norms checked."""
+        if types is not None and type(b) not in types:
+            raise self.unsupported(f"block type {type(b).__module__}.{type(b).__name__} at {where}")
         attn = self.attention(b.attn, f"{where}.attn", dim)
         mlp = self.mlp(b.mlp, f"{where}.mlp", dim)
         self.norm(b.norm1, f"{where}.norm1")
         self.norm(b.norm2, f"{where}.norm2")
+        return attn, mlp
+
+    def two_branch(self, b: nn.Module, where: str, post: bool, dim: int | None = None) -> dict:
+        """A timm block of ``norm1, attn, ls1, norm2, mlp, ls2`` (``Block`` and its kin in other
+        families): pre-norm with layer scale on both branches or none, or res-post-norm (``post``)."""
+        attn, mlp = self.parts(b, where, dim=dim)
         if post:  # timm's init_values only initialise a res-post block's norm weights (no layer scale)
             block = {"name": "respostnorm", "params": {"init_values": None}}
         else:
