@@ -51,11 +51,11 @@ def ensure_env(with_tests: bool) -> None:
     stamp.write_text(digest.hexdigest())
 
 
-# The bundled recipes in two comparisons: the standard sizes against ViT-B/16, and the one-axis
-# ViT-Tiny variants against ViT-Tiny (what does swapping X for Y cost?).
+# The bundled recipes in two comparisons: the standard sizes (and the hierarchical Swin-T) against
+# ViT-B/16, and the one-axis ViT-Tiny variants against ViT-Tiny (what does swapping X for Y cost?).
 COMPARISONS = {
     "models": ("vit_base_patch16_224", ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
-                                        "vit_large_patch16_224", "vit_huge_patch14_224", "vit_22b"]),
+                                        "vit_large_patch16_224", "vit_huge_patch14_224", "vit_22b", "swin_tiny"]),
     "tiny_variants": ("vit_tiny_patch16_224", ["vit_tiny_patch16_224", "vit_tiny_*", "pit_ti_like"]),
 }
 
@@ -81,9 +81,16 @@ def compare(args: list[str]) -> int:
     return 0
 
 
+# One xdist worker per core, with worksteal: the suite mixes ~1500 tests of milliseconds with a few
+# dozen of tens of seconds (zoo coverage, cost measurements, subprocesses), and an idle worker takes
+# queued tests from a busy one instead of waiting on a fixed split by file (loadfile).
+# Arguments given after the job come last, so ``-n 0`` or ``--dist loadfile`` override these.
+XDIST = ["-n", "auto", "--dist", "worksteal"]
+
+
 def test(args: list[str]) -> int:
     ensure_env(with_tests=True)
-    cmd = [PY, "-m", "pytest", *args]
+    cmd = [PY, "-m", "pytest", *XDIST, *args]
     print("+", " ".join(str(c) for c in cmd), flush=True)
     code = subprocess.call([str(c) for c in cmd], cwd=ROOT)
     return code

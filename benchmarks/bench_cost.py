@@ -11,19 +11,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import vitlab  # noqa: E402  (python -m vitlab, timed)
+from vitlab.timing import timed_command  # noqa: E402  (python -m vitlab, timed)
 
 RECIPES = sorted(p.stem for p in Path("recipes").glob("vit_tiny_*.yaml"))
 BATCH, REPEATS, WARMUP = 8, 3, 3
 
 
 def main() -> None:
-    t_count, _ = vitlab("compare", *RECIPES, "-b", str(BATCH), "--format", "json")
-    t_measure, text = vitlab("compare", *RECIPES, "-b", str(BATCH), "--measure", "--repeats", str(REPEATS), "--format", "json")
+    t_count, _ = timed_command("compare", *RECIPES, "-b", str(BATCH), "--format", "json")
+    t_measure, text = timed_command("compare", *RECIPES, "-b", str(BATCH), "--measure", "--repeats", str(REPEATS), "--format", "json")
     rows = json.loads(text)
     base = next(r for r in rows if r["name"] == "vit_tiny_patch16_224")
     base_tpf = base["measured"]["train_step_ms"] / base["flops"]

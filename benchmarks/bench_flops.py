@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import alternate  # noqa: E402
+from vitlab.timing import alternate  # noqa: E402
 
 
 def main() -> None:

@@ -7,13 +7,10 @@ vitlab / timm (target <= 1.00).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import alternate  # noqa: E402
+from vitlab.timing import alternate  # noqa: E402
 
 import vitlab  # noqa: E402
 

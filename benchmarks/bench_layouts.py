@@ -7,13 +7,10 @@ regression: vitlab/timm <= 1.0 as before) and PiT-Ti, a staged model read from t
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import alternate  # noqa: E402
+from vitlab.timing import alternate  # noqa: E402
 
 import vitlab  # noqa: E402
 

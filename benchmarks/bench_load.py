@@ -11,15 +11,13 @@ nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import alternate  # noqa: E402
+from vitlab.timing import alternate  # noqa: E402
 
 import vitlab  # noqa: E402
 

@@ -11,13 +11,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import alternate  # noqa: E402
+from vitlab.timing import alternate  # noqa: E402
 
 import vitlab  # noqa: E402
 from vitlab.bench import matmul_macs_per_s  # noqa: E402

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import vitlab  # noqa: E402  (python -m vitlab, timed)
+from vitlab.timing import timed_command  # noqa: E402  (python -m vitlab, timed)
 
 RECIPE = "vit_tiny_patch16_224"
 GRID = ["embed_dim=128,192,256,320,384", "num_heads=2,4,8", "depth=2,4,6,8,12", "mlp_ratio=2,3,4,6",
@@ -28,8 +26,8 @@ def main() -> None:
     one, whole = [], []
     rows = None
     for _ in range(2):  # alternated, so machine drift falls on both
-        one.append(vitlab("flops", RECIPE, "--format", "json")[0])
-        t, text = vitlab("compare", RECIPE, *sweep, "--format", "json")
+        one.append(timed_command("flops", RECIPE, "--format", "json")[0])
+        t, text = timed_command("compare", RECIPE, *sweep, "--format", "json")
         whole.append(t)
         rows = json.loads(text)
     n = len(rows)
@@ -47,7 +45,7 @@ def main() -> None:
             row["flops"], row["params"], row["activations"], row["memory"]), row["name"]
     print(f"sample of {len(rows[:: max(1, n // 12)])} variants: equal to full traces (FLOPs, params, activations, memory)")
     if "--small" in sys.argv:
-        t16 = sum(vitlab("flops", RECIPE, *(a for kv in _pairs(r["name"]) for a in ("--set", kv)), "--format", "json")[0]
+        t16 = sum(timed_command("flops", RECIPE, *(a for kv in _pairs(r["name"]) for a in ("--set", kv)), "--format", "json")[0]
                   for r in rows)
         print(f"16 x `vitlab flops` / one `vitlab compare`: {t16 / statistics.median(whole):.2f}")
 

@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown family {', '.join(unknown)}; known: {', '.join(zoo.FAMILIES)}")
 
-    from vitlab.plugins import make_plugin_manager, use_registry
+    from vitlab.plugins import make_plugin_manager
 
-    with use_registry(make_plugin_manager(entry_points=False)[1]):  # vitlab's built-ins, not what is installed
-        table = zoo.coverage(args.families or None)
+    builtins = make_plugin_manager(entry_points=False)[1]  # vitlab's built-ins, not what is installed
+    table = zoo.coverage(args.families or None, registry=builtins)
     print(zoo.markdown(table))
     crashes = [o for cov in table for o in cov.outcomes
                if o.kind == "crash" or o.export_reason.startswith("crash")]

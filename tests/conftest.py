@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import importlib.metadata
 import os
 import shutil
@@ -89,6 +90,26 @@ def repo_registry():
             mod = importlib.import_module(module)
         plugins.append((dist, mod))
     return vitlab.make_plugin_manager(entry_points=False, plugins=plugins)[1]
+
+
+def pytest_configure(config):
+    """Under xdist, each worker gets its share of the cores for torch's intra-op threads: two
+    workers with every core each would oversubscribe the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.fixture(scope="session")
+def zoo_coverage():
+    """``zoo_coverage(family)``: ``zoo.coverage`` of one timm family (every model built on meta,
+    read, sent back to timm), computed once per session and shared by the tests that check it."""
+    pytest.importorskip("timm")
+    from timm_reference import family_coverage
+
+    return family_coverage
 
 
 @pytest.fixture(scope="session")
@@ -208,3 +229,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def load_test_plugin(file: str):
+    """A test plugin module of ``tests/plugins`` imported from its file (not through entry points)."""
+    spec = importlib.util.spec_from_file_location(f"vitlab_test_{file[:-3]}", PLUGIN_SOURCES / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -253,12 +253,6 @@ def test_report_round_trip_and_json():
     assert data["by_module"]["blocks.0"] * 12 == data["by_module"]["blocks"]
 
 
-def test_import_is_light():
-    code = "import sys, vitlab, vitlab.analysis; print(sorted(m for m in ('fvcore', 'timm') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
 # --- derived counts: proven equal to full counts --------------------------------------------------------------
 
 DERIVED_CASES = [
@@ -287,7 +281,7 @@ def test_derived_on_a_real_model():
 
 def test_derived_groups_distinct_blocks():
     """Blocks differing only in drop-path rate are one configuration; a different block is another."""
-    from vitlab.analysis.derived import distinct_blocks
+    from vitlab.analysis.signature import distinct_blocks
 
     model = build_model(load_spec("vit_tiny_patch16_224", {"depth": 4, "drop_path_rate": 0.2}), device="meta")
     assert distinct_blocks(model.blocks) == [[0, 1, 2, 3]]
@@ -300,7 +294,7 @@ def test_derived_groups_distinct_blocks():
 
 
 @contextlib.contextmanager
-def _no_meta_convolutions(module):
+def _no_meta_convolutions():
     yield  # the meta convolution then fails to trace: forces the real-weights fallback
 
 
@@ -369,33 +363,4 @@ def test_logging_quiet(caplog):
     assert not [r for r in caplog.records if "Unsupported operator" in r.getMessage()]
 
 
-LAZY_EXPORT_SCRIPT = """
-import json, sys
-watched = ("vitlab.analysis", "fvcore")
-loaded = lambda: sorted(m for m in watched if m in sys.modules)
-import vitlab
-after_import = loaded()
-fn = vitlab.analyze  # the lazy attribute: imports vitlab.analysis, still not fvcore
-after_lookup = loaded()
-resolves = fn is sys.modules["vitlab.analysis"].analyze and fn.__module__ == "vitlab.analysis"
-report = fn({spec!r})
-print(json.dumps({{"after_import": after_import, "after_lookup": after_lookup, "resolves": resolves,
-                  "after_call": loaded(), "flops": report.flops}}))
-"""
-
-
-def test_lazy_export():
-    """``vitlab.analyze`` is ``vitlab.analysis.analyze``, imported on first look-up, and fvcore only
-    when it counts. Reference: ``sys.modules`` of a fresh interpreter at each step, the function
-    object that ``vitlab.analysis`` defines, and the closed form for the count it makes."""
-    spec = {"name": "t", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2,
-            "num_classes": 10}
-    res = subprocess.run([sys.executable, "-c", LAZY_EXPORT_SCRIPT.format(spec=spec)], capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["after_import"] == []  # neither the analysis package nor fvcore yet
-    assert got["after_lookup"] == ["vitlab.analysis"]  # resolved by the look-up, fvcore still not needed
-    assert got["resolves"] is True
-    assert got["after_call"] == ["fvcore", "vitlab.analysis"]  # counting is what needs fvcore
-    assert got["flops"] == sum(closed_form(32, 1, 8, img=32, classes=10).values())
+# import stays light, analyze is a lazy export: test_import.py

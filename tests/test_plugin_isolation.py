@@ -11,6 +11,8 @@ import json
 import signal
 import sys
 
+import re
+
 import pytest
 from pydantic import ConfigDict, Field, ValidationError
 
@@ -435,3 +437,55 @@ def test_plugins_command_shows_every_state(plugin_dist, test_eps, run_cli, monke
     assert f"ambiguous: attention 'twin' is registered by {A_DIST} and by {B_DIST}" in text
     assert f"disabled by VITLAB_DISABLE_PLUGINS: {GOOD_DIST} ({GOOD_EP})" in text
     assert "plugins that failed to load" in text and "vitlab_testplugin_missing_dependency" in text
+
+
+def test_a_component_of_a_disabled_plugin_names_the_disabled_plugin_first(with_good, monkeypatch):
+    """Before, the message said "provided by no installed plugin", or blamed another broken plugin."""
+    with_good("broken_import.py")
+    monkeypatch.setenv("VITLAB_DISABLE_PLUGINS", GOOD_EP)
+    _, reg = vitlab.make_plugin_manager(strict=False)
+    message = reg.unknown_message("attention", "cosine_test")
+    disabled = f"VITLAB_DISABLE_PLUGINS disables plugin '{GOOD_EP}', which may provide it"
+    assert disabled in message and "provided by no installed plugin" not in message
+    assert message.index(disabled) < message.index("failed to load")  # the likelier reason first
+
+
+def test_ambiguous_components_are_listed_with_both_providers(plugin_dist, test_eps):
+    """Before, a name two plugins register vanished from ``vitlab components`` (table and JSON)."""
+    import json
+
+    from conftest import invoke_cli
+
+    plugin_dist("twin_attention.py", dist=A_DIST, module=A_MODULE, ep=A_EP)
+    plugin_dist("twin_and_pool.py", dist=B_DIST, module=B_MODULE, ep=B_EP)
+    _, reg = lenient()
+    with vitlab.use_registry(reg):
+        listed = json.loads(invoke_cli("components", "attention", "--json").stdout)
+        table = invoke_cli("components", "attention").stdout
+    (twin,) = [c for c in listed if c["name"] == "twin"]
+    assert twin["ambiguous"] is True and twin["providers"] == [A_DIST, B_DIST]
+    assert "ambiguous:" in table
+
+
+def test_components_show_default_factories_not_pydantic_internals():
+    """``hybrid``'s backbone has a default factory: it was listed as backbone=PydanticUndefined."""
+    import json
+
+    from conftest import invoke_cli
+
+    (hybrid,) = [c for c in json.loads(invoke_cli("components", "patch_embed", "--json").stdout) if c["name"] == "hybrid"]
+    assert hybrid["params"]["backbone"]["name"] == "resnetv2_stem"
+    table = invoke_cli("components", "patch_embed").stdout
+    assert "PydanticUndefined" not in table and "backbone={name: resnetv2_stem" in table.replace("\n", "")
+
+
+def test_the_python_api_warns_about_a_failed_plugin(with_good, monkeypatch):
+    """The CLI prints ``warning:`` lines; a script calling ``load_registry`` was told nothing."""
+    import vitlab.plugins as plugins
+
+    with_good("broken_import.py")
+    monkeypatch.setattr(plugins, "_REGISTRY", None)
+    monkeypatch.setattr(plugins, "_ECHO", None)
+    with pytest.warns(plugins.PluginWarning, match=re.escape(f"{LABEL} failed: import of 'vitlab_testplugin' raised")):
+        registry = plugins.load_registry()
+    assert registry.get("attention", "cosine_test").provider == GOOD_DIST  # the rest works

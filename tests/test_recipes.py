@@ -185,6 +185,7 @@ def test_extends_relative_path_and_child_wins(tmp_path, monkeypatch):
     grandchild = tmp_path / "child" / "grandchild.yaml"
     grandchild.write_text("extends: child.yaml\nname: grandchild\nattention: {name: mhsa}\n")
     monkeypatch.chdir(tmp_path / "base")  # resolved relative to the file, not the cwd
+    monkeypatch.setenv("VITLAB_ALLOW_EXTENDS_OUTSIDE", "1")  # ../base is outside child's folder
     s = load_spec(child)
     assert (s.name, s.depth, s.embed_dim) == ("child", 4, 32)
     assert s.attention.params["qk_norm"] is True and s.attention.params["qkv_bias"] is False  # merged

@@ -211,3 +211,22 @@ def test_in_process_misspelled_hook():
 
     with pytest.raises(PluginError, match="unknown hook"):
         vitlab.make_plugin_manager(entry_points=False, plugins=[("typo", Plugin)])
+
+
+def test_hooks_run_through_pluggy_one_plugin_at_a_time():
+    # each plugin's hook is called through pluggy's own call path, narrowed to that plugin: a
+    # hook wrapper (which pluggy would run around every other plugin's hook) is refused, alone
+    class Wrapper:
+        @staticmethod
+        @vitlab.hookimpl(wrapper=True)
+        def vitlab_register_components(register):
+            register(_Named)
+            return (yield)
+
+    pm, reg = vitlab.make_plugin_manager(entry_points=False, plugins=[("wraps", Wrapper), ("mine", _plugin(_Named))],
+                                         strict=False)
+    assert [f.name for f in reg.failures] == ["wraps"]
+    assert "vitlab_register_components is a hook wrapper" in reg.failures[0].reason
+    assert reg.get("pool", "first_patch").provider == "mine" and pm.get_plugin("wraps") is None
+    # what a plugin registers reaches the registry through pluggy's hook caller, as for the built-ins
+    assert [i.plugin_name for i in pm.hook.vitlab_register_components.get_hookimpls()] == ["vitlab", "mine"]

@@ -48,7 +48,7 @@ def test_generated_component_of_every_kind_works(kind, tmp_path, monkeypatch):
     name = f"sk-{kind.replace('_', '-')}"
     n = PluginNames.of(name, kind)
     root = tmp_path / name
-    written = scaffold(name, kind, root)
+    written = scaffold(name, kind, root, registry=vitlab.load_registry())
     assert sorted(p.relative_to(root).as_posix() for p in written) == sorted([
         "pyproject.toml", "README.md", f"src/{n.module}/__init__.py", f"recipes/{n.component}.yaml",
         f"tests/test_{n.module}.py",
@@ -159,7 +159,7 @@ def test_every_template_is_used_and_every_placeholder_filled(tmp_path):
     # a per-kind file for a kind that does not exist would never be read
     assert {t.removeprefix("kinds/").split(".")[0] for t in kind_files} <= set(KINDS)
     for kind in KINDS:
-        for path in scaffold(f"ph-{kind.replace('_', '-')}", kind, tmp_path / kind):
+        for path in scaffold(f"ph-{kind.replace('_', '-')}", kind, tmp_path / kind, registry=vitlab.load_registry()):
             text = path.read_text()
             assert not re.search(r"\$\{?(dist|module|component|entry_point|cls|kind|vitlab_version|body|recipe_extra)\b",
                                  text), path

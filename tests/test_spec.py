@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import vitlab
-from vitlab import SpecError, ViTSpec, load_spec
+from vitlab import SpecError, ViTSpec, dump_spec, load_spec
 
 from conftest import TINY
 
@@ -147,12 +147,25 @@ def test_validate_mixed_good_and_bad(tmp_path, run_cli):
 
 def test_spec_defaults_are_vit_b16():
     # ViT-B/16 of Dosovitskiy et al. (2021), Table 1: width 768, depth 12, 12 heads, MLP 3072.
-    s = ViTSpec()
+    s = ViTSpec.model_validate({}, context={"registry": vitlab.load_registry()})
+    assert s == load_spec({}) and s.registry is vitlab.load_registry()
     assert (s.embed_dim, s.depth, s.num_heads, s.mlp_hidden_dim, s.patch_hw, s.img_hw) == (
         768, 12, 12, 3072, (16, 16), (224, 224))
     assert s.num_tokens == 1 + 14 * 14
     # defaults of the selections are filled in, so a dumped spec is complete
     assert s.attention.params["qkv_bias"] is True
+
+
+def test_spec_validation_needs_a_registry():
+    with pytest.raises(TypeError, match="validated against a component registry"):
+        ViTSpec()  # no registry in the validation context: nothing global is read instead
+
+
+def test_spec_from_yaml_reads_text_and_refuses_extends():
+    spec = load_spec(_tiny_with())
+    assert ViTSpec.from_yaml(dump_spec(spec), registry=vitlab.load_registry()) == spec
+    with pytest.raises(SpecError, match="^extends: recipe text cannot extend"):
+        ViTSpec.from_yaml("extends: vit_tiny_patch16_224\ndepth: 2\n", registry=vitlab.load_registry())
 
 
 def test_spec_is_frozen_and_rectangular_sizes():

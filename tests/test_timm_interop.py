@@ -654,10 +654,3 @@ def test_from_timm_command(tmp_path):
     assert bad.exit_code == 2 and "unknown timm model" in bad.output and "did you mean" in bad.output
     unsupported = run("from-timm", "resnet18")
     assert unsupported.exit_code == 2 and "ResNet" in unsupported.output
-
-
-def test_import_vitlab_does_not_import_timm(run_python):
-    code = ("import sys, vitlab; vitlab.load_timm_weights; vitlab.spec_from_timm; vitlab.save; vitlab.load; "
-            "import vitlab.cli.timm_cmds; assert 'timm' not in sys.modules, 'timm imported'")
-    result = run_python("-c", code)
-    assert result.returncode == 0, result.stderr

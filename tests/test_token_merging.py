@@ -62,14 +62,16 @@ class MergingBlock(vitlab.Block):
         B, T, _ = x.shape
         size = state.token_weights
         size = x.new_ones(B, T, 1) if size is None else size[..., None]
-        # proportional attention: a token standing for s patches counts s times (log s bias)
-        attn_state = state.replace(attn_bias=size.log().transpose(1, 2)[:, None])  # (B, 1, 1, T)
+        # proportional attention: a token standing for s patches counts s times (log s bias),
+        # added to the position encoding's own bias (relpos_mlp), not replacing it
+        attn_state = state.add_attn_bias(size.log().transpose(1, 2)[:, None])  # (B, 1, 1, T)
         x = x + self.drop_path1(self.attn(self.norm1(x), attn_state))
         r = min(self.r, (T - state.num_prefix) // 2)
         if r:
             x, size = bipartite_merge(x, size, r, state.num_prefix)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        # merged tokens leave the patch grid: positions that need it (RoPE, windows) refuse clearly
+        # merged tokens leave the patch grid: what needs it (RoPE or a relative bias in later
+        # blocks, window attention) refuses, naming this block
         return x, state.regrid(None, num_tokens=x.shape[1], token_weights=size[..., 0])
 
 

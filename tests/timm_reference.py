@@ -2,8 +2,13 @@
 no-grad eval forward, equality within a relative tolerance, seeded images, and the checks every
 timm family's tests make against an independent reference (timm's own models and fvcore on them,
 vitlab's full trace for derived counts): outputs after loading timm's weights, FLOPs, derived
-counts, the round trip back to timm, and a family's coverage."""
+counts, the round trip back to timm, and a family's coverage.
+
+The expensive references are computed once per session (per xdist worker): a family's zoo
+coverage (``family_coverage``) and fvcore's count of a timm model (``fvcore_flops``)."""
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -18,6 +23,42 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def randomize_stats(model: nn.Module, seed: int = 1, mean: float = 0.1) -> nn.Module:
+    """BatchNorm running statistics away from their (0, 1) start (``randomize`` perturbs parameters
+    only), so a wrongly mapped or ignored buffer shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * mean)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def perturb_buffers(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give the saved buffers ``randomize`` leaves alone values that act: Gemma 4's clamps (±inf
+    as built) to ±1.5, its post-pool standardisation to a random shift and scale."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith(("input_min", "output_min", "input_max", "output_max")):
+                b.fill_(-1.5 if name.endswith("_min") else 1.5)
+            elif name.endswith("std_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            elif name.endswith("std_scale"):
+                b.copy_(1 + torch.randn(b.shape, generator=g) * 0.1)
+    return model
+
+
+def one_layer_scale_if_parallel(model: nn.Module) -> nn.Module:
+    """timm's parallel blocks have one layer scale for both branches: the vitlab model's two made equal."""
+    if model.spec.block.name == "parallel":
+        with torch.no_grad():
+            for block in model.blocks:
+                block.ls2.gamma.copy_(block.ls1.gamma)
     return model
 
 
@@ -37,10 +78,49 @@ def images(spec, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, spec.in_chans, *spec.img_hw, generator=torch.Generator().manual_seed(1))
 
 
+def vlm_images(spec, batch: int = 2) -> torch.Tensor:
+    """``images`` in [0, 1] for Gemma 4 (which maps pixels from [0, 1] itself), as they are for the others."""
+    x = images(spec, batch)
+    return x.sigmoid() if spec.patch_embed.name == "linear_pixnorm" else x
+
+
+OTHER_SIZES = [(80, 48), (96, 160)]  # non-square grids: aspect-preserving resampling crops
+
+
+def sized_images(spec) -> list[torch.Tensor]:
+    """Images at the spec's size and at ``OTHER_SIZES`` (and, where patches are padded, one not
+    made of whole patches): NaFlexVit's position table resampled for each."""
+    hw = [spec.img_hw, *OTHER_SIZES] + ([(90, 50)] if spec.patch_embed.params["pad"] else [])
+    return [torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h)) for h, w in hw]
+
+
+def with_changes(data: dict, **changes) -> dict:
+    """A spec mapping ``data`` with ``{kind: {"params": {...}}}`` merged into its selections, other
+    keys replaced: a valid spec a family's timm class may not hold."""
+    out = dict(data)
+    for key, value in changes.items():
+        if isinstance(value, dict) and "params" in value and key in out and "name" not in value:
+            out[key] = {**out[key], "params": {**out[key].get("params", {}), **value["params"]}}
+        else:
+            out[key] = value
+    return out
+
+
 def fvcore_flops(name: str, img_hw=(224, 224), **kw) -> int:
     """fvcore's FLOPs of timm's own model ``name`` (``create_model(name, **kw)``), built with fused
     attention off as the issue asks (``timm.layers.set_fused_attn(False)`` before ``create_model``;
-    timm's flag is restored after): the independent reference FLOP tests compare against."""
+    timm's flag is restored after): the independent reference FLOP tests compare against. Counted
+    once per session for each model and arguments."""
+    key = (name, tuple(img_hw), repr(sorted(kw.items())))  # kwargs hold lists: keyed by their repr
+    if key not in _FVCORE:
+        _FVCORE[key] = _count_fvcore(name, img_hw, **kw)
+    return _FVCORE[key]
+
+
+_FVCORE: dict[tuple, int] = {}
+
+
+def _count_fvcore(name: str, img_hw, **kw) -> int:
     import timm
     from fvcore.nn import FlopCountAnalysis
 
@@ -139,25 +219,33 @@ def assert_round_trip(spec, prepare=None, *, inputs=None, timm_cls=None, exclude
     return back
 
 
-def assert_family_reads(family: str, refused=None, *, names=None, total=None):
-    """``zoo.coverage`` of timm's module ``family`` (each model timm lists for it, or only ``names``,
-    built on the meta device and read by ``spec_from_timm``) reads every model but the named
-    refusals. The reference is timm's own model list: the outcomes are exactly its models (or
-    ``names``, all still in timm), ``total`` of them when given. Whatever is not read is a clean
+@functools.lru_cache(maxsize=None)
+def family_coverage(family: str):
+    """``zoo.coverage`` of timm's module ``family``: every model timm lists for it built on the meta
+    device, read by ``spec_from_timm`` and sent back to timm. Computed once per session, inside a
+    test (under conftest's registry of vitlab's built-ins only)."""
+    from vitlab.timm_interop import zoo
+
+    (cov,) = zoo.coverage([family])
+    return cov
+
+
+def assert_family_reads(cov, refused=None, *, names=None, total=None):
+    """The coverage ``cov`` of one family (``family_coverage``) reads every model but the named
+    refusals. The reference is timm's own model list: the outcomes are exactly its models, ``total``
+    of them when given, and ``names`` are all among them and read. Whatever is not read is a clean
     refusal, and ``refused`` (phrase of the reason -> how many refusals name it) accounts for every
     one. Every model read also goes back to timm: timm's class built from ``timm_kwargs`` on meta
     reads back as the same spec (``zoo``'s *back to timm*). Returns the coverage."""
     import timm
 
-    from vitlab.timm_interop import zoo
-
     refused = dict(refused or {})
-    (cov,) = zoo.coverage([family], names=names)
-    listed = timm.list_models(module=family) if names is None else names
-    assert sorted(o.name for o in cov.outcomes) == sorted(listed)
+    assert sorted(o.name for o in cov.outcomes) == sorted(timm.list_models(module=cov.family))
     assert cov.total > 0
     if total is not None:
         assert cov.total == total
+    kinds = {o.name: o.kind for o in cov.outcomes}
+    assert all(kinds.get(n) == "read" for n in names or ()), {n: kinds.get(n) for n in names}
     not_read = [o for o in cov.outcomes if o.kind != "read"]
     assert all(o.kind == "refused" for o in not_read), [(o.name, o.kind, o.reason) for o in not_read]
     counts = {key: sum(key in o.reason for o in not_read) for key in refused}

@@ -6,32 +6,12 @@ A training step is counted as 3x the forward MACs (forward, input gradients, wei
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 2, iters: int = 5) -> float:
-    """Median seconds of ``fn()`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from .timing import median_seconds
 
 
 def matmul_macs_per_s(n: int = 2048, dtype=torch.float32, device="cpu", iters: int = 5) -> float:
@@ -39,7 +19,7 @@ def matmul_macs_per_s(n: int = 2048, dtype=torch.float32, device="cpu", iters: i
     device = torch.device(device)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    return n**3 / median_time(lambda: a @ b, device, warmup=2, iters=iters)
+    return n**3 / median_seconds(lambda: a @ b, device, warmup=2, repeats=iters)
 
 
 @dataclass
@@ -94,7 +74,7 @@ def bench_model(
         def step():
             with torch.inference_mode():
                 run(x)
-    seconds = median_time(step, device, warmup=3 if compile else 2, iters=iters)
+    seconds = median_seconds(step, device, warmup=3 if compile else 2, repeats=iters)
     peak = matmul_macs_per_s(matmul_size, device=device)
     macs = macs_per_image * batch_size * (3 if train else 1)
     achieved = macs / seconds

@@ -62,10 +62,11 @@ def save(model, path: str | os.PathLike, force: bool = False) -> Path:
 
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"vitlab.save saves a vitlab VisionTransformer, got {type(model).__name__}")
-    check_output(path, force)  # before copying the weights to the CPU
+    check_output(path, force, "force=True")  # before copying the weights to the CPU
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, SPEC_KEY: json.dumps(model.spec.to_dict(), sort_keys=True)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), force=force)
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), force=force,
+                        force_hint="force=True")
 
 
 def is_vitlab_checkpoint(path: str | os.PathLike) -> bool:
@@ -129,7 +130,7 @@ def _read_header(path: Path) -> _Header:
 
 def _stored_data(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     """The stored spec as raw data, parsed within the recipe parser's limits."""
-    from .recipes import load_json
+    from .parsing import load_json
 
     label = path_label(path)
     text = meta.get(SPEC_KEY)
@@ -267,7 +268,7 @@ def load(path: str | os.PathLike, device: Any = None, dtype: Any = None):
     """
     from safetensors.torch import load_file
 
-    from .model import build_model
+    from .recipes import build_model
 
     path = Path(path)
     spec, header = _open(path)
@@ -291,7 +292,7 @@ def load(path: str | os.PathLike, device: Any = None, dtype: Any = None):
 
 
 def _meta_state(spec) -> dict:
-    from .model import build_model
+    from .recipes import build_model
 
     return build_model(spec, device="meta").state_dict()
 
@@ -316,7 +317,7 @@ def _materialize_buffers(model, spec) -> None:
     meta_buffers = [name for name, b in model.named_buffers() if b.is_meta]
     if not meta_buffers:
         return
-    from .model import build_model
+    from .recipes import build_model
 
     with _parameters_on_meta():
         fresh = dict(build_model(spec, device="cpu").named_buffers())

@@ -9,6 +9,8 @@ At forward time blocks, attention, position encodings and transitions receive a
 """
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any, ClassVar
 
 import torch
@@ -17,12 +19,14 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .context import BuildContext
+from .kinds import BLOCK_KINDS, KINDS  # noqa: F401  (re-exported: the kinds with their bases)
 from .layers import Linear
 from .state import ForwardState, QKTransform
 
-KINDS: tuple[str, ...] = ("patch_embed", "pos_embed", "attention", "mlp", "norm", "block", "pool", "transition")
-# the kinds a ``layers`` entry may override per block
-BLOCK_KINDS: tuple[str, ...] = ("attention", "mlp", "norm", "block")
+# A sentence ends at ". " followed by something that starts a sentence; "e.g.", "i.e.", "et al."
+# and "vs." do not end one.
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bet al)(?<!\bvs)[.!?](?=\s+[A-Z`(\"']|$)")
+
 
 
 class Component(nn.Module):
@@ -47,9 +51,11 @@ class Component(nn.Module):
 
     @classmethod
     def describe(cls) -> str:
-        """First line of the class docstring."""
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        """The first sentence of the class docstring's first paragraph, on one line (never cut
+        mid-sentence, as the docstring's first line may be)."""
+        paragraph = " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n", 1)[0].split())
+        m = _SENTENCE_END.search(paragraph)
+        return paragraph[: m.end()] if m else paragraph
 
     def __init__(self, ctx: BuildContext, params: Any):
         super().__init__()
@@ -83,7 +89,8 @@ class PosEncoding(Component):
     * ``after_block(x, state)``: to the tokens after a block (CPVT's position generator).
 
     The model recomputes the transform and bias whenever the grid changes (another image size,
-    a stage transition).
+    a stage transition); when a block merges tokens off the grid they are lost, and the next block
+    refuses to run without them (``ForwardState.regrid``).
     """
 
     kind = "pos_embed"
@@ -189,7 +196,8 @@ class Block(Component):
     the recipe's ``layers`` may override).
 
     ``forward(x, state)`` returns the tokens, or ``(tokens, new_state)`` when the block changed
-    their number or grid (token merging); see ``ForwardState.regrid``.
+    their number or grid (token merging); see ``ForwardState.regrid``. The model checks that the
+    tokens returned match the state returned, and refuses naming the block.
     """
 
     kind = "block"

@@ -92,3 +92,18 @@ def unknown_choice(what: str, word: object, choices: Iterable[str], label: str =
     choices = list(choices)
     hint = did_you_mean(str(word), choices)
     return f"unknown {what} {str(word)!r}{extra}{hint}{' ' if hint else '; '}{known(choices, label)}"
+
+
+# how allocation failures read: CUDA's "out of memory", the CPU allocator's "can't allocate memory"
+# (torch's DefaultCPUAllocator under a process memory cap), ENOMEM's "Cannot allocate memory", C++'s
+# bad_alloc, and MPS / XPU wordings
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc",
+                  "not enough memory", "failed to allocate", "allocation failed")
+
+
+def is_out_of_memory(exc: BaseException | str) -> bool:
+    """Whether ``exc`` (or an error message) is an allocation failure, however the allocator says it."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(phrase in text for phrase in _OUT_OF_MEMORY)

@@ -1,5 +1,7 @@
-"""Writing output files safely: never overwrite without being asked, never leave half a file, and
-say what is wrong with an output path before the work that would fill it starts."""
+"""Files in and out safely. Outputs: never overwrite without being asked, never replace anything but
+a regular file, never leave half a file, and say what is wrong with an output path before the work
+that would fill it starts. Inputs: a regular file or one clear error (a FIFO would block the read,
+``/dev/zero`` never end it)."""
 from __future__ import annotations
 
 import errno
@@ -19,10 +21,29 @@ from .errors import VitlabError, path_label
 _TEMP_NAME_BYTES = 64
 
 
-def check_output(path: str | os.PathLike, force: bool = False) -> Path:
+def check_input(path: str | os.PathLike, what: str, error: type[VitlabError] = VitlabError) -> Path:
+    """``path`` if it is a regular file to read; else ``error`` in one line: ``{what} not found``, a
+    directory, or not a regular file (a FIFO, device or socket), decided by ``stat`` alone."""
+    path = Path(path)
+    label = path_label(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {label} (no such file)") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {label}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{label} is a directory; give the {what} file")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{label} is not a regular file (a FIFO, device or socket); give the {what} file")
+    return path
+
+
+def check_output(path: str | os.PathLike, force: bool = False, force_hint: str = "--force") -> Path:
     """Refuse, before any work, an output path that cannot be written: an existing file without
     ``force``, a directory, a missing folder, a folder that is a file or is not writable, a name
-    too long. Commands call it up front; ``atomic_write`` calls it again.
+    too long. Commands call it up front; ``atomic_write`` calls it again. ``force_hint`` is how
+    the caller asks for ``force`` (``--force`` on the command line, ``force=True`` in Python).
 
     Raises:
         VitlabError: one line naming the path and what to change.
@@ -37,8 +58,11 @@ def check_output(path: str | os.PathLike, force: bool = False) -> Path:
         raise VitlabError(_stat_problem(path, exc)) from None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise VitlabError(f"{label} is a directory; give the name of a file to write")
+    if st is not None and not stat.S_ISREG(st.st_mode):  # /dev/null, a FIFO: --force must not replace them
+        raise VitlabError(f"{label} is not a regular file (a device, FIFO or socket); vitlab replaces "
+                          "regular files only, even with --force")
     if st is not None and not force:
-        raise VitlabError(f"{label} already exists; pass --force to overwrite it")
+        raise VitlabError(f"{label} already exists; pass {force_hint} to overwrite it")
     parent = path.parent
     if not os.path.isdir(parent):
         raise VitlabError(f"cannot write {label}: folder {path_label(parent)} does not exist")
@@ -61,14 +85,15 @@ def _stat_problem(path: Path, exc: OSError) -> str:
     return f"cannot write {label}: {exc.strerror or exc}"
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], None], force: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], None], force: bool = False,
+                 force_hint: str = "--force") -> Path:
     """Write ``data`` (text, bytes, or a function that writes a given path) to a temporary file
     beside ``path`` and rename it into place, so an interrupted run leaves the old file intact.
 
     The file gets the permissions of an ordinary new file (0666 less the umask). The temporary
     file is removed on an exception, Ctrl-C or SIGTERM.
     """
-    path = check_output(path, force)
+    path = check_output(path, force, force_hint)
     try:
         tmp, fd = _create_temp(path)
     except OSError as exc:
@@ -78,13 +103,36 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], N
         with _removed_on_sigterm(tmp):
             _fill(tmp, fd, data)
             os.chmod(tmp, mode)  # a writer that recreated the file may have left other permissions
-            os.replace(tmp, path)
+            _place(tmp, path, force, force_hint)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise VitlabError(f"cannot write {path_label(path)}: {exc.strerror or exc}") from None
         raise
     return path
+
+
+def _place(tmp: Path, path: Path, force: bool, force_hint: str) -> None:
+    """Give ``tmp`` its final name. Without ``force`` the name is created exclusively (a hard link
+    fails if anything appeared there during the write), so nothing is replaced unasked; with it,
+    only a regular file is replaced."""
+    if force:
+        check_output(path, force=True)  # it may have become a FIFO or device meanwhile
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise VitlabError(f"{path_label(path)} appeared while it was being written; pass {force_hint} to "
+                          "overwrite it") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        # no hard links here (some network and FUSE file systems): the last check is as late as can be
+        check_output(path, False, force_hint)
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def _create_temp(path: Path) -> tuple[Path, int]:

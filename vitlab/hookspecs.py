@@ -6,6 +6,10 @@ A plugin is a module (or object) with functions marked ``@vitlab.hookimpl``, pub
     [project.entry-points.vitlab]
     rope = "vitlab_rope"
 
+The module also declares the plugin API it was written for, ``vitlab_api = 2`` (``VITLAB_API``):
+an installed plugin that declares another version, or none (written for vitlab 0.1), fails at load
+with one warning pointing to docs/migration.md, and the other plugins keep working.
+
 vitlab's own components register through these same hooks (see ``vitlab.components``).
 """
 from __future__ import annotations
@@ -16,6 +20,10 @@ import pluggy
 
 hookspec = pluggy.HookspecMarker("vitlab")
 hookimpl = pluggy.HookimplMarker("vitlab")
+
+# The plugin API this vitlab speaks. 2: ``forward(x, state)`` with a ``ForwardState``, ``regrid``,
+# three hooks. A plugin module sets ``vitlab_api = 2``; docs/migration.md lists what changed.
+VITLAB_API = 2
 
 
 @hookspec

@@ -3,7 +3,6 @@ procedurally generated test picture (no data set can be downloaded here)."""
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import VitlabError, one_line, path_label
+from .fileio import check_input
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,14 +30,15 @@ def load_image(path: str | Path) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     label = path_label(path)
-    if os.path.isdir(path):
-        raise VitlabError(f"{label} is a directory; give an image file")
+    check_input(path, "image")  # a FIFO would block, a device never end
     try:
         with warnings.catch_warnings():
             # PIL only warns between its limit and twice it: a warning here is a refusal
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:  # lazy: reads the header, decodes nothing yet
                 _check_pixels(label, img.size)
+                if img.mode in WIDE_MODES:
+                    return _wide_gray(img)
                 rgb = img.convert("RGB")
     except FileNotFoundError:
         raise VitlabError(f"image not found: {label}") from None
@@ -47,6 +48,22 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise VitlabError(f"cannot read image {label}: {one_line(str(exc))}") from None
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return data.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255.0
+
+
+# single-channel modes PIL's convert("RGB") would clip to 8 bits (a 16-bit PNG saturates to white,
+# a float TIFF in [0, 1] turns black): mode -> the value that is white
+WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+              "I": 65535.0,  # 32-bit integers: what 16-bit PNGs and TIFFs decode to in PIL
+              "F": 1.0}  # floats in [0, 1], the convention of float TIFFs
+
+
+def _wide_gray(img) -> torch.Tensor:
+    """A wide grey image -> (3, H, W) in [0, 1], scaled by its mode's white (``WIDE_MODES``)."""
+    import numpy as np
+
+    values = torch.from_numpy(np.asarray(img, dtype=np.float64).copy())  # (H, W)
+    values = torch.nan_to_num(values / WIDE_MODES[img.mode], nan=0.0).clamp_(0.0, 1.0).float()
+    return values.expand(3, *values.shape).clone()
 
 
 def _check_pixels(label: str, size: tuple[int, int]) -> None:

@@ -9,43 +9,86 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+# ASCII digits only: "\d" would take "１" (fullwidth one) or "١" (Arabic-Indic one) as block 1
+_RANGE = re.compile(r"^[ \t]*([0-9]+)[ \t]*(?:-[ \t]*([0-9]+)[ \t]*(?::[ \t]*([0-9]+)[ \t]*)?)?$")
+_BAD_AT = "expected a block index, a list of them or a string like '0-5,8' or '1-11:2'"
 
 
 def parse_at(at: Any, depth: int) -> list[int]:
     """A ``layers[i].at`` value -> sorted block indices.
 
-    ``at`` is an int, a list of ints, or a string of indices and inclusive ranges (``"0-5,8"``).
+    ``at`` is an int, a list of ints, or a string of indices and inclusive ranges (``"0-5,8"``),
+    a range optionally with a step (``"1-11:2"``: 1, 3, ..., 11, Swin's shifted blocks).
+    Ranges are kept as intervals and merged before any index is listed (stepped ones per step and
+    residue), so the work and memory are bounded by ``depth`` times the square root of the length
+    of ``at``, however many and however long the ranges are.
     Raises ``ValueError`` naming the first bad part, or the first block beyond ``depth``.
     """
     if isinstance(at, bool):
-        raise ValueError(f"expected a block index, a list of them or a string like '0-5,8', got {at!r}")
+        raise ValueError(f"{_BAD_AT}, got {at!r}")
+    stepped: list[tuple[int, int, int]] = []  # (first, last, step), last on the step
     if isinstance(at, int):
-        indices = [at]
+        spans = [(at, at)]
     elif isinstance(at, (list, tuple)):
-        indices = list(at)
+        for i in at:
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                raise ValueError(f"block indices are integers from 0, got {i!r}")
+        spans = [(i, i) for i in at]
     elif isinstance(at, str):
-        indices = []
+        spans, stepped = [], []
         for part in at.split(","):
             m = _RANGE.match(part)
             if not m:
-                raise ValueError(f"'{part.strip()}' in '{at}' is not an index or a range like 3-5")
+                raise ValueError(f"'{part.strip()[:40]}' in '{at[:80]}' is not an index or a range like 3-5 or 1-11:2")
+            digits = max(m.group(1), m.group(2) or "", key=len)
+            if len(digits.lstrip("0")) > len(str(depth)):  # before int(), which is slow (or refuses) for 10⁵⁰⁰⁰
+                shown = digits if len(digits) <= 40 else f"{digits[:12]}... ({len(digits)} digits)"
+                raise ValueError(f"block {shown} does not exist (depth {depth})")
             lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
             if hi < lo:
                 raise ValueError(f"range '{part.strip()}' runs backwards")
-            if hi >= depth:  # before expanding: a range can be as long as its digits allow
-                raise ValueError(f"block {hi} does not exist (depth {depth})")
-            indices.extend(range(lo, hi + 1))
+            step = m.group(3)
+            if step is not None:
+                if not step.strip("0"):
+                    raise ValueError(f"range '{part.strip()}' has step 0")
+                if len(step.lstrip("0")) <= len(str(depth)) and int(step) < hi - lo:  # else: lo alone
+                    stepped.append((lo, hi - (hi - lo) % int(step), int(step)))
+                    continue
+                hi = lo
+            spans.append((lo, hi))
     else:
-        raise ValueError(f"expected a block index, a list of them or a string like '0-5,8', got {at!r}")
-    if not indices:
+        raise ValueError(f"{_BAD_AT}, got {type(at).__name__}")
+    if not spans and not stepped:
         raise ValueError("names no block")
-    for i in indices:
-        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-            raise ValueError(f"block indices are integers from 0, got {i!r}")
-        if i >= depth:
-            raise ValueError(f"block {i} does not exist (depth {depth})")
-    return sorted(set(indices))
+    for lo, hi in spans + [(lo, hi) for lo, hi, _ in stepped]:
+        if lo < 0:
+            raise ValueError(f"block indices are integers from 0, got {lo!r}")
+        if hi >= depth:
+            raise ValueError(f"block {hi} does not exist (depth {depth})")
+    # merged spans are disjoint inside [0, depth): at most depth indices, whatever at says
+    plain = [i for lo, hi in _merged(spans) for i in range(lo, hi + 1)]
+    if not stepped:
+        return plain
+    # stepped ranges merge per (step, residue), in units of the step: a step s costs at most
+    # min(ranges, s) * depth / s, whatever at says
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for lo, hi, step in stepped:
+        groups.setdefault((step, lo % step), []).append((lo // step, hi // step))
+    named = set(plain)
+    for (step, residue), units in groups.items():
+        named.update(u * step + residue for lo, hi in _merged(units) for u in range(lo, hi + 1))
+    return sorted(named)
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive intervals, sorted and merged where they overlap or touch."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
 
 
 def format_indices(indices: list[int]) -> str:

@@ -12,3 +12,7 @@ LIMITS: dict[str, int] = {
     "in_chans": 2**12,
     "img_size": 2**16,  # any side in pixels or patches: images, kernels, windows, strides
 }
+
+MAX_BATCH = 2**24
+"""The largest batch size any command accepts: beyond it element counts of a ViT's activations
+approach int64 and no machine holds the batch anyway."""

@@ -5,7 +5,7 @@ Parent side: :func:`measure_spec` starts ``python -m vitlab.measure`` with the s
 reads one JSON line back; when the child runs out of memory (an exception, or the kernel's OOM
 killer ending it) the batch is halved and the result says so (``halved_from``).
 
-Child side (``main``): build the model, warm up, time ``repeats`` runs, report the median.
+Child side (``main``): build the model, warm up, time ``repeats`` runs (``vitlab.timing``), report the median.
 
 * CUDA: CUDA events for time, ``torch.cuda.max_memory_allocated`` (reset between phases) for peaks.
 * CPU: ``time.perf_counter``; peak = the process's peak resident set (``VmHWM``) minus its resident
@@ -23,8 +23,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
+
+from .errors import is_out_of_memory
+from .timing import call_times
 
 MEASURED_KEYS = ("device", "batch_size", "infer_ms", "train_step_ms", "infer_peak_bytes", "train_peak_bytes")
 
@@ -66,28 +68,6 @@ def _rss_bytes() -> int:
     return rss * 1024 if rss is not None else _rss_peak_bytes()
 
 
-def _timed(step, device, warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``step()`` after ``warmup`` calls."""
-    import torch
-
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
-
-
 def _warm_runtime(device, dtype) -> None:
     """One small training step through the operators a ViT uses, before the baseline: torch's
     one-time start-up (thread pools, kernel code, the autograd engine's threads) is then not
@@ -107,18 +87,25 @@ def _warm_runtime(device, dtype) -> None:
         conv(torch.randn(2, 3, 16, 16, device=device, dtype=dtype))
 
 
+def _milliseconds(key: str, seconds: list[float]) -> dict[str, float]:
+    """``{key: median ms, key_spread: (slowest - fastest) / median in %}``: the spread says how far
+    one run's median can be trusted (a busy machine widens it)."""
+    ms = sorted(1000 * t for t in seconds)
+    median = statistics.median(ms)
+    return {key: median, f"{key}_spread": round(100 * (ms[-1] - ms[0]) / median, 1) if median else 0.0}
+
+
 def run_child(spec_json: str, batch_size: int, device: str, phases: list[str], warmup: int, repeats: int,
               dtype: str, threads: int | None) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
     from .analysis.memory import DTYPES
-    from .model import build_model
-    from .spec import ViTSpec
+    from .recipes import build_model, load_spec
 
     if threads:
         torch.set_num_threads(threads)
-    spec = ViTSpec.model_validate(json.loads(spec_json))
+    spec = load_spec(json.loads(spec_json))
     dev = torch.device(device)
     dt = DTYPES[dtype]
     out: dict[str, Any] = {"device": str(dev), "batch_size": batch_size}
@@ -146,7 +133,7 @@ def run_child(spec_json: str, batch_size: int, device: str, phases: list[str], w
             with torch.inference_mode():
                 model(x)
 
-        out["infer_ms"] = _timed(infer, dev, warmup, repeats)
+        out.update(_milliseconds("infer_ms", call_times(infer, dev, warmup=warmup, repeats=repeats)))
         out["infer_peak_bytes"] = peak()
     if "train" in phases:
         if "infer" in phases:  # a fresh peak for training (the model's weights stay in the baseline's count)
@@ -165,14 +152,14 @@ def run_child(spec_json: str, batch_size: int, device: str, phases: list[str], w
             loss.backward()
             opt.step()
 
-        out["train_step_ms"] = _timed(train, dev, warmup, repeats)
+        out.update(_milliseconds("train_step_ms", call_times(train, dev, warmup=warmup, repeats=repeats)))
         out["train_peak_bytes"] = peak()
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vitlab.measure", description=__doc__.split("\n\n")[0])
-    p.add_argument("--spec-json", required=True)
+    p.add_argument("--spec-json", required=True, help="the spec as JSON, or - to read it from stdin")
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--phases", default="infer,train")
@@ -181,12 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
+    spec_json = sys.stdin.read() if a.spec_json == "-" else a.spec_json  # stdin: no argv length limit
     try:
-        result = run_child(a.spec_json, a.batch_size, a.device, a.phases.split(","), a.warmup, a.repeats, a.dtype,
+        result = run_child(spec_json, a.batch_size, a.device, a.phases.split(","), a.warmup, a.repeats, a.dtype,
                            a.threads)
     except Exception as exc:  # noqa: BLE001  (reported to the parent as one JSON line)
-        oom = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "oom": oom}
+        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "oom": is_out_of_memory(exc)}
     print(json.dumps(result), flush=True)
 
 
@@ -194,18 +181,49 @@ def main(argv: list[str] | None = None) -> None:
 
 def _child(spec_json: str, batch_size: int, device: str, phases: str, warmup: int, repeats: int, dtype: str,
            threads: int | None, timeout: float | None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "vitlab.measure", "--spec-json", spec_json, "--batch-size", str(batch_size),
+    # the spec goes through stdin: a long spec (many layers) overflowed the argument list
+    cmd = [sys.executable, "-m", "vitlab.measure", "--spec-json", "-", "--batch-size", str(batch_size),
            "--device", device, "--phases", phases, "--warmup", str(warmup), "--repeats", str(repeats),
            "--dtype", dtype]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode in (-9, 137) and not lines:  # SIGKILL: the kernel's out-of-memory killer
+    returncode, stdout, stderr = _run_in_own_group(cmd, spec_json, timeout)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if returncode in (-9, 137) and not lines:  # SIGKILL: the kernel's out-of-memory killer
         return {"error": "killed (out of memory)", "oom": True}
     if not lines:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1], "oom": False}
+        last = (stderr.strip().splitlines() or [f"exit {returncode}"])[-1]
+        return {"error": last, "oom": is_out_of_memory(last)}
     return json.loads(lines[-1])
+
+
+def _run_in_own_group(cmd: list[str], stdin: str, timeout: float | None) -> tuple[int, str, str]:
+    """Run the measuring child in a process group of its own, and end that group whenever this
+    call is left early: a timeout, Ctrl-C, or SIGTERM to this process (turned into SystemExit here,
+    so the ``finally`` runs) would otherwise leave the child running, orphaned."""
+    import signal
+    import threading
+
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        def on_sigterm(signum, frame):
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        stdout, stderr = proc.communicate(stdin, timeout=timeout)
+        return proc.returncode, stdout, stderr
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def can_reset_peak() -> bool:
@@ -226,6 +244,7 @@ def measure_spec(spec, batch_size: int, *, device: str | None = None, warmup: in
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     spec_json = spec.model_dump_json() if hasattr(spec, "model_dump_json") else json.dumps(spec)
     asked, batch = batch_size, batch_size
     together = device.startswith("cuda") or can_reset_peak()
@@ -244,10 +263,42 @@ def measure_spec(spec, batch_size: int, *, device: str | None = None, warmup: in
             raise VitlabError(f"measuring {name} at batch {batch} failed: {result['error']}")
         batch //= 2
     measured = {k: result[k] for k in MEASURED_KEYS}
+    measured.update({k: result[k] for k in ("infer_ms_spread", "train_step_ms_spread") if k in result})
     if batch != asked:
         measured["halved_from"] = asked
         measured["note"] = f"out of memory at batch {asked}: measured at batch {batch}"
+    if (warning := noisy(measured)) is not None:
+        measured["warning"] = warning
     return measured
+
+
+NOISY_SPREAD = 50.0  # % of the median between the slowest and fastest run
+
+
+def noisy(measured: dict[str, Any]) -> str | None:
+    """Why a measurement should not be trusted, or ``None``: runs that differ by more than
+    ``NOISY_SPREAD`` % of their median, or an inference slower than a whole training step (which
+    runs that inference and more): both a sign of a busy machine."""
+    spread = {k: measured.get(f"{k}_spread") for k in ("infer_ms", "train_step_ms")}
+    wide = [f"{k.replace('_ms', '')} runs spread {v:g}%" for k, v in spread.items() if v and v > NOISY_SPREAD]
+    infer, train = measured.get("infer_ms"), measured.get("train_step_ms")
+    if infer is not None and train is not None and infer > train:
+        wide.append(f"inference ({infer:.1f} ms) slower than a training step ({train:.1f} ms)")
+    if not wide:
+        return None
+    return "unreliable timing: " + "; ".join(wide) + " (a busy machine? measure again with more --repeats)"
+
+
+def check_device(device: str) -> None:
+    """Refuse a device nothing can be timed on (``meta`` computes nothing), in one line."""
+    from .errors import VitlabError
+
+    kind = str(device).split(":", 1)[0]
+    if kind == "meta":
+        raise VitlabError("--device meta: the meta device computes nothing, so there is no time or memory to "
+                          "measure; use cpu or cuda")
+    if kind not in ("cpu", "cuda", "mps", "xpu"):
+        raise VitlabError(f"--device {device}: expected cpu, cuda, cuda:N, mps or xpu")
 
 
 if __name__ == "__main__":

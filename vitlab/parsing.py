@@ -13,6 +13,7 @@ import json
 import json.decoder
 import json.scanner
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -140,6 +141,17 @@ class _YamlLoader(yaml.SafeLoader):
         return node
 
 
+# YAML 1.1 reads yes / no / on / off as booleans: ``norm: no`` would silently be False, and a plain
+# ``bool`` is strict in vitlab. Only true / false (any case YAML allows) are booleans here; the
+# other words stay strings, so a bool field refuses them with a message naming the field.
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
 def _check_yaml_tree(root: yaml.Node) -> None:
     """Refuse repeated keys, long integers, recursive aliases, and documents that aliases expand
     past the limits. Aliases make the document a graph: each node is measured once, so this is
@@ -233,6 +245,32 @@ def load_yaml(text: str) -> Any:
         raise SpecError(str(_nested_too_deep())) from None
     finally:
         loader.dispose()
+
+
+def parse_text(text: str, source: str = "<recipe text>", json_syntax: bool = False) -> dict[str, Any]:
+    """Recipe text (YAML, or JSON) -> raw mapping, with syntax errors naming line and column.
+    YAML is read with the safe loader: no tags, no objects, no code. Both refuse what passes the
+    limits above (nesting, repeated keys, huge integers, alias bombs)."""
+    if not text.strip():
+        raise SpecError("recipe file is empty", source=source)
+    try:
+        data = load_json(text) if json_syntax else load_yaml(text)
+    except SpecError as exc:
+        raise exc.with_source(source) from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=source) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"invalid YAML{where}: {problem}", source=source) from None
+    except ValueError as exc:  # a scalar that resolves to a type and then fails (2001-13-45 as a date)
+        raise SpecError(f"invalid YAML value: {exc}", source=source) from None
+    if data is None:
+        raise SpecError("recipe file is empty (only comments)", source=source)
+    if not isinstance(data, dict):
+        raise SpecError(f"a recipe must be a mapping of fields, got {type(data).__name__}", source=source)
+    return data
 
 
 def read_text(path: Path) -> str:

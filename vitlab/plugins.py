@@ -6,7 +6,7 @@ plugin module implementing ``vitlab_register_components``.
 ``VITLAB_DISABLE_PLUGINS=1`` skips every external plugin; a comma list
 (``VITLAB_DISABLE_PLUGINS=rope,vitlab-convstem``) skips those entry-point or distribution names.
 
-One broken plugin never stops the rest. The process-wide registry (``get_registry()``) loads
+One broken plugin never stops the rest. The process-wide registry (``load_registry()``) loads
 leniently: a plugin whose import fails (``sys.exit()`` and ``KeyboardInterrupt`` raised by the
 plugin included), that implements an unknown hook, whose hook raises, or that registers something
 breaking the component contract (see ``registry.py``) is recorded in ``registry.failures``, with
@@ -21,11 +21,14 @@ import importlib.metadata
 import os
 import signal
 import threading
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
 from . import hookspecs
+from .hookspecs import VITLAB_API
+from .twins import check_equivalent
 from .errors import PluginError, unknown_choice
 from .registry import (
     BUILTIN,
@@ -44,7 +47,8 @@ ENTRY_POINT_GROUP = "vitlab"
 HOOKS = tuple(sorted(n for n in vars(hookspecs) if n.startswith("vitlab_")))
 
 __all__ = [
-    "BUILTIN", "DISABLE_ENV", "ENTRY_POINT_GROUP", "disabled_plugins", "get_registry", "make_plugin_manager",
+    "BUILTIN", "DISABLE_ENV", "ENTRY_POINT_GROUP", "disabled_plugins", "get_registry", "load_registry",
+    "make_plugin_manager",
     "report_failures", "reset_registry", "use_registry",
 ]
 
@@ -97,6 +101,29 @@ def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
 
 
+def api_problem(plugin: object, *, required: bool) -> str | None:
+    """Why ``plugin`` cannot load under this vitlab's plugin API (its ``vitlab_api``), or ``None``.
+
+    Installed plugins (``required``) must declare it; an object handed to ``make_plugin_manager``
+    in-process is written against the running vitlab and is checked only when it declares one.
+    """
+    try:
+        declared = getattr(plugin, "vitlab_api", None)
+    except Exception:  # noqa: BLE001  (a plugin object whose attribute access raises)
+        declared = None
+    if declared is None:
+        if not required:
+            return None
+        return (f"declares no vitlab_api: it was written for vitlab 0.1; port it and set vitlab_api = {VITLAB_API} "
+                "(see docs/migration.md)")
+    if declared == VITLAB_API and type(declared) is int:
+        return None
+    if isinstance(declared, int) and declared > VITLAB_API:
+        return f"targets vitlab_api = {declared}, newer than this vitlab's {VITLAB_API}: upgrade vitlab"
+    return (f"targets vitlab_api = {declared!r}, this vitlab speaks {VITLAB_API}: port it "
+            "(see docs/migration.md)")
+
+
 # --- containing foreign code ----------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -119,7 +146,9 @@ def _sigint_watch() -> Iterator[Callable[[], bool]]:
     if watch:
         signal.signal(signal.SIGINT, handler)
     try:
-        yield lambda: bool(pressed) or not watch
+        # SIGINT ignored (a job started in the background by a shell): no Ctrl-C can arrive at all
+        ignored = previous is signal.SIG_IGN
+        yield lambda: bool(pressed) or not (watch or ignored)
     finally:
         if watch:
             signal.signal(signal.SIGINT, previous)
@@ -172,8 +201,6 @@ class _Stage:
             self.problems.append(str(exc))
 
     def equivalent(self, eq: Any) -> None:
-        from .timm_interop.equivalents import check_equivalent
-
         self._check_open()
         try:
             self.equivalents.append(check_equivalent(eq, self.provider))
@@ -239,6 +266,10 @@ class _Loader:
 
     def add(self, info: PluginInfo, plugin: object, skip: str | None) -> None:
         """Register ``plugin`` with pluggy under ``info.name``; its hooks run later (``run_hooks``)."""
+        problem = api_problem(plugin, required=skip is not None)  # entry points must declare one
+        if problem is not None:
+            self.fail(info, skip, problem)
+            return
         if self.pm.is_registered(plugin):
             self.fail(info, skip, f"'{info.value}' is already loaded as plugin '{self.pm.get_name(plugin)}'")
             return
@@ -261,22 +292,22 @@ class _Loader:
         """Call the plugin's hooks and commit what it registered, or record why it failed."""
         plugin = self.pm.get_plugin(info.name)
         stage = _Stage(info.distribution)
-        hooks = ((self.pm.hook.vitlab_register_components, stage.component), (self.pm.hook.vitlab_flop_handles, stage.op),
-                 (self.pm.hook.vitlab_timm_equivalents, stage.equivalent))
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        hooks = (("vitlab_register_components", stage.component), ("vitlab_flop_handles", stage.op),
+                 ("vitlab_timm_equivalents", stage.equivalent))
         try:
-            for hook, register in hooks:
-                for impl in hook.get_hookimpls():
-                    if impl.plugin_name != info.name:
-                        continue
-                    if impl.hookwrapper or getattr(impl, "wrapper", False):
-                        stage.problems.append(f"{hook.name} is a hook wrapper; vitlab calls it once, as a plain hook")
-                        continue
-                    kwargs = {"register": register} if "register" in impl.argnames else {}
-                    _, exc = self.attempt(impl.function, **kwargs)
-                    if exc is not None:
-                        self.drop(plugin)
-                        self.fail(info, skip, f"{hook.name} raised {describe_exception(exc)}", names=stage.names)
-                        return
+            for name, register in hooks:
+                # pluggy's own call path, narrowed to this plugin: what it registers is staged
+                # apart from the others', and its exception fails it alone
+                hook = self.pm.subset_hook_caller(name, remove_plugins=others)
+                if any(i.hookwrapper or i.wrapper for i in hook.get_hookimpls()):
+                    stage.problems.append(f"{name} is a hook wrapper; vitlab calls it once, as a plain hook")
+                    continue
+                _, exc = self.attempt(hook, register=register)
+                if exc is not None:
+                    self.drop(plugin)
+                    self.fail(info, skip, f"{name} raised {describe_exception(exc)}", names=stage.names)
+                    return
         finally:
             stage.open = False
         try:
@@ -335,9 +366,11 @@ _REGISTRY: Registry | None = None
 _ECHO: Callable[[str], Any] | None = None
 
 
-def get_registry() -> Registry:
-    """The process-wide registry (built-ins plus installed plugins), built leniently on first use:
-    a broken plugin is in ``failures`` and the rest work."""
+def load_registry() -> Registry:
+    """The registry of vitlab's built-ins and every installed plugin: the one the public API
+    (``load_spec``, ``build_model``, ``analyze``, ``spec_from_timm``, the CLI) uses when it is given
+    none. Built leniently on first use and kept for the process: a broken plugin is in ``failures``
+    and the rest work. ``make_plugin_manager`` builds a fresh one (strict, or from chosen plugins)."""
     global _REGISTRY
     if _REGISTRY is None:
         _REGISTRY = make_plugin_manager(strict=False)[1]
@@ -345,9 +378,12 @@ def get_registry() -> Registry:
     return _REGISTRY
 
 
+get_registry = load_registry  # the former name, while callers move to load_registry
+
+
 def report_failures(echo: Callable[[str], Any]) -> None:
     """Send ``warning: ...`` lines about the process-wide registry to ``echo``, once per registry:
-    now if it is built, else as soon as ``get_registry()`` builds it (so a command that never
+    now if it is built, else as soon as ``load_registry()`` builds it (so a command that never
     reads components never loads plugins). The CLI calls this once before running a command."""
     global _ECHO
     _ECHO = echo
@@ -355,16 +391,24 @@ def report_failures(echo: Callable[[str], Any]) -> None:
         _report(_REGISTRY)
 
 
+class PluginWarning(UserWarning):
+    """A plugin failed to load (or two register one name): the Python API's form of the CLI's
+    ``warning:`` lines, so a script using vitlab is not silent about it."""
+
+
 def _report(registry: Registry) -> None:
-    if _ECHO is None or registry._warned:
+    if registry.reported:
         return
-    registry._warned = True
+    registry.reported = True
     for line in registry.warnings():
-        _ECHO(f"warning: {line}")
+        if _ECHO is not None:
+            _ECHO(f"warning: {line}")
+        else:  # no CLI asked for the lines: the Python caller gets them as warnings
+            warnings.warn(line, PluginWarning, stacklevel=3)
 
 
 def reset_registry() -> None:
-    """Forget the process-wide registry; the next ``get_registry()`` reloads plugins."""
+    """Forget the process-wide registry; the next ``load_registry()`` reloads plugins."""
     global _REGISTRY
     _REGISTRY = None
 

@@ -1,35 +1,29 @@
-"""Reading and writing recipes: YAML (or JSON) files, ``extends``, dotted overrides, dumping.
+"""Reading and writing recipes: YAML (or JSON) files, ``extends``, dotted overrides, dumping; and
+building the model of one (``build_model``).
 
 ``load_spec`` is the one entry point: a path, a bundled recipe name, a mapping or a ``ViTSpec``,
-plus ``overrides`` such as ``{"depth": 6, "attention.params.qk_norm": True}``.
+plus ``overrides`` such as ``{"depth": 6, "attention.params.qk_norm": True}``. Recipe text goes
+through ``ViTSpec.from_yaml``.
 """
 from __future__ import annotations
 
 import copy
-import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import torch
 import yaml
-from pydantic import ValidationError
 
-from .component import KINDS
+from .kinds import KINDS
 from .errors import Problem, SpecError, did_you_mean
-# The parser limits live in .parsing; their names stay importable from here
-# (``vitlab.recipes.load_json``, ``MAX_EXTENDS``, ...), and ``_read_text`` is looked up here at
-# call time, so a test can watch every recipe file opened.
-from .parsing import (  # noqa: F401  (re-exported)
-    MAX_EXTENDS,
-    MAX_INT_DIGITS,
-    MAX_NESTING,
-    MAX_RECIPE_BYTES,
-    MAX_VALUES,
-    load_json,
-    load_yaml,
-)
-from .parsing import read_text as _read_text
-from .spec import ComponentSpec, ViTSpec, unknown_key_message
+from .model import VisionTransformer
+from .parsing import MAX_EXTENDS, MAX_RECIPE_BYTES, load_yaml, parse_text  # noqa: F401  (parse_text, MAX_RECIPE_BYTES re-exported)
+from .parsing import read_text as _read_text  # looked up here at call time: a test watches every file opened
+from .plugins import load_registry
+from .registry import Registry
+from .spec import ViTSpec
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 # Top-level sizes that a recipe's ``stages`` imply (see ``ViTSpec.stages``).
@@ -76,32 +70,6 @@ def _parse(path: Path) -> dict[str, Any]:
     return parse_text(_read_text(path), source=str(path), json_syntax=path.suffix == ".json")
 
 
-def parse_text(text: str, source: str = "<recipe text>", json_syntax: bool = False) -> dict[str, Any]:
-    """Recipe text (YAML, or JSON) -> raw mapping, with syntax errors naming line and column.
-    YAML is read with the safe loader: no tags, no objects, no code. Both refuse what passes the
-    limits of :mod:`vitlab.parsing` (nesting, repeated keys, huge integers, alias bombs)."""
-    if not text.strip():
-        raise SpecError("recipe file is empty", source=source)
-    try:
-        data = load_json(text) if json_syntax else load_yaml(text)
-    except SpecError as exc:
-        raise exc.with_source(source) from None
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=source) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"invalid YAML{where}: {problem}", source=source) from None
-    except ValueError as exc:  # a scalar that resolves to a type and then fails (2001-13-45 as a date)
-        raise SpecError(f"invalid YAML value: {exc}", source=source) from None
-    if data is None:
-        raise SpecError("recipe file is empty (only comments)", source=source)
-    if not isinstance(data, dict):
-        raise SpecError(f"a recipe must be a mapping of fields, got {type(data).__name__}", source=source)
-    return data
-
-
 def _merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
     """``child`` over ``base``. A component selection that changes ``name`` replaces the base's
     selection whole (its params belonged to the other component); otherwise params merge."""
@@ -134,17 +102,57 @@ def _as_selection(value: Any) -> dict[str, Any] | None:
     return dict(value) if isinstance(value, dict) else None
 
 
-def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The raw mapping of a recipe file with its ``extends`` chain merged in (not yet validated)."""
+ALLOW_EXTENDS_OUTSIDE = "VITLAB_ALLOW_EXTENDS_OUTSIDE"  # "1": ``--allow-extends-outside`` for the process
+
+
+def extends_outside_allowed() -> bool:
+    """Whether ``extends`` may name a file outside the recipe's folder (``--allow-extends-outside``)."""
+    return os.environ.get(ALLOW_EXTENDS_OUTSIDE, "") not in ("", "0")
+
+
+def _check_inside(parent: Path, root: Path, ref: str, path: Path) -> None:
+    """``extends`` stays in the top recipe's folder (sub-folders included) or the bundled recipes,
+    unless allowed: a recipe from elsewhere must not make vitlab open any file it names."""
+    real = parent.resolve()
+    if real.is_relative_to(root) or real.is_relative_to(recipes_dir().resolve()):
+        return
+    raise SpecError([Problem("extends", f"'{ref}' is outside the recipe's folder ({root}) and the bundled "
+                                        "recipes; pass --allow-extends-outside (or set "
+                                        f"{ALLOW_EXTENDS_OUTSIDE}=1) to extend it")], source=str(path))
+
+
+def _check_is_recipe(data: dict[str, Any], path: Path, child: Path) -> None:
+    """An extended file's fields must all be recipe fields before anything of it reaches a message:
+    an error never quotes a file that is not a recipe (``extends: /etc/shadow``)."""
+    if any(not isinstance(k, str) or k not in ViTSpec.model_fields and k != "extends" for k in data):
+        raise SpecError([Problem("extends", f"{path} is not a vitlab recipe (it has fields no recipe has; "
+                                            "its content is not shown)")], source=str(child))
+
+
+def read_recipe(path: str | Path, _chain: tuple[Path, ...] = (), *, allow_outside: bool = False,
+                _root: Path | None = None) -> dict[str, Any]:
+    """The raw mapping of a recipe file with its ``extends`` chain merged in (not yet validated).
+    Each ``extends`` must stay in ``path``'s folder or the bundled recipes unless ``allow_outside``."""
     path = Path(path)
     real = path.resolve()
+    root = _root if _root is not None else real.parent
     if real in _chain:
         cycle = " -> ".join(str(p) for p in _chain + (real,))
         raise SpecError(f"extends cycle: {cycle}", source=str(path))
     if len(_chain) >= MAX_EXTENDS:
         raise SpecError(f"extends: a chain of more than {MAX_EXTENDS} recipes (the limit); started at {_chain[0]}",
                         source=str(path))
-    data = _parse(path)
+    try:
+        data = _parse(path)
+    except SpecError as exc:
+        if not _chain:
+            raise
+        # a parse error of an extended file says where it failed, never what the file says
+        at = re.search(r"line \d+(, column \d+)?", exc.problems[0].msg)
+        raise SpecError([Problem("extends", f"{path} does not parse as a vitlab recipe"
+                                            + (f" (at {at.group(0)})" if at else ""))], source=str(_chain[-1])) from None
+    if _chain:
+        _check_is_recipe(data, path, _chain[-1])
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -154,7 +162,9 @@ def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
         parent_path = find_recipe(parent, relative_to=path)
     except SpecError as exc:
         raise SpecError([Problem("extends", p.msg) for p in exc.problems], source=str(path)) from None
-    return _merge(read_recipe(parent_path, _chain + (real,)), data)
+    if not allow_outside:
+        _check_inside(parent_path, root, parent, path)
+    return _merge(read_recipe(parent_path, _chain + (real,), allow_outside=allow_outside, _root=root), data)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -205,82 +215,52 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Iterabl
     return out
 
 
-def _problems(exc: ValidationError) -> list[Problem]:
-    """pydantic errors -> one readable problem each, with field path, bad value and valid choices."""
-    out = []
-    for e in exc.errors():
-        loc = tuple(e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            if len(loc) == 1:
-                msg = unknown_key_message(loc[0], list(ViTSpec.model_fields))
-            elif len(loc) == 2 and loc[0] in KINDS:
-                msg = unknown_key_message(loc[1], list(ComponentSpec.model_fields))
-        elif e["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-        elif e["type"] != "vitlab" and "input" in e and not isinstance(e["input"], (dict, list)):
-            msg = f"{msg} (got {e['input']!r})"
-        if e["type"] != "vitlab":
-            msg = msg[0].lower() + msg[1:] if msg else msg
-        path = ".".join(str(p) for p in loc if not (isinstance(p, str) and "[" in p))
-        out.append(Problem(path, msg))
-    return out
-
-
-def validate(data: Mapping[str, Any], registry=None, source: str | None = None) -> ViTSpec:
-    """Validate a raw mapping into a ``ViTSpec``; raise ``SpecError`` listing every problem."""
-    context = {"registry": registry} if registry is not None else None
-    try:
-        return ViTSpec.model_validate(dict(data), context=context)
-    except ValidationError as exc:
-        raise SpecError(_problems(exc), source=source) from None
-
-
 def load_spec(
     source: str | Path | Mapping[str, Any] | ViTSpec,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
     *,
-    registry=None,
+    registry: Registry | None = None,
     files: bool = True,
 ) -> ViTSpec:
     """A validated spec from a recipe path, bundled recipe name, mapping, or spec.
 
     Args:
-        source: ``"recipes/x.yaml"``, ``"vit_tiny_patch16_224"`` (bundled), recipe text (a string
-            with a line break, e.g. ``dump_spec`` output), a dict, or a ``ViTSpec``.
+        source: ``"recipes/x.yaml"``, ``"vit_tiny_patch16_224"`` (bundled), a dict, or a
+            ``ViTSpec``. Recipe text (e.g. ``dump_spec`` output) goes through ``ViTSpec.from_yaml``.
         overrides: dotted keys to values (``{"depth": 6}``) or ``"key=value"`` strings.
-        registry: the component registry to validate against (default: installed plugins).
+        registry: the component registry to validate against (default: ``load_registry()``, the
+            built-ins and the installed plugins).
         files: ``False`` for a spec from untrusted data (a checkpoint's metadata): it must be a
-            mapping, text or spec, and may not reference any file or bundled recipe (``extends``).
+            mapping or spec, and may not reference any file or bundled recipe (``extends``).
 
     Raises:
         SpecError: naming the file, the field path, the bad value and the valid choices.
     """
+    registry = registry if registry is not None else load_registry()
     label = None
     if not files:
         data = _data_without_files(source)
     elif isinstance(source, ViTSpec):
         data = source.to_dict()
-    elif isinstance(source, Mapping) or _is_text(source):
-        data = parse_text(source) if isinstance(source, str) else dict(source)
+    elif isinstance(source, Mapping):
+        data = dict(source)
         if "extends" in data:
             parent = data.pop("extends")
-            data = _merge(read_recipe(find_recipe(parent)), data)
+            parent_path = find_recipe(parent)
+            allow = extends_outside_allowed()
+            if not allow:  # a mapping has no folder of its own: the working directory stands for it
+                _check_inside(parent_path, Path.cwd().resolve(), parent, Path("<mapping>"))
+            data = _merge(read_recipe(parent_path, (Path("<mapping>"),), allow_outside=allow,
+                                      _root=Path.cwd().resolve()), data)
     else:
         path = find_recipe(source)
         label = str(source)
-        data = read_recipe(path)
+        data = read_recipe(path, allow_outside=extends_outside_allowed())
     try:
         data = apply_overrides(data, overrides)
     except SpecError as exc:
         raise exc.with_source(label) if label else exc
-    return validate(data, registry=registry, source=label)
-
-
-def _is_text(source: Any) -> bool:
-    """Recipe text rather than a name: a string with a line break, unless it names a file (a line
-    break is a legal character in a file name)."""
-    return isinstance(source, str) and "\n" in source and not os.path.isfile(source)
+    return ViTSpec.validated(data, registry, source=label)
 
 
 def _data_without_files(source: Any) -> dict[str, Any]:
@@ -288,12 +268,9 @@ def _data_without_files(source: Any) -> dict[str, Any]:
     followed, it would open a file the data names (``/etc/shadow``) and quote it in the error."""
     if isinstance(source, ViTSpec):
         return source.to_dict()
-    if isinstance(source, str) and "\n" in source:
-        data = parse_text(source)
-    elif isinstance(source, Mapping):
-        data = dict(source)
-    else:
-        raise SpecError(f"expected a mapping or recipe text here, not a file or recipe name ({type(source).__name__})")
+    if not isinstance(source, Mapping):
+        raise SpecError(f"expected a mapping here, not a file or recipe name ({type(source).__name__})")
+    data = dict(source)
     if "extends" in data:
         raise SpecError([Problem("extends", "a spec from untrusted data (e.g. a checkpoint) cannot reference other files")])
     return data
@@ -307,3 +284,29 @@ def dump_spec(spec: ViTSpec) -> str:
         if isinstance(data[key], list):
             data[key] = list(data[key])
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+def build_model(
+    spec: ViTSpec | str | Mapping[str, Any],
+    device=None,
+    dtype=None,
+    seed: int | None = None,
+    *,
+    registry: Registry | None = None,
+) -> VisionTransformer:
+    """Build the model of a spec (or recipe path / bundled name / mapping).
+
+    Args:
+        spec: a ``ViTSpec``, or anything ``load_spec`` accepts.
+        device, dtype: allocation; ``"meta"`` builds without memory (parameter counts of 22B models).
+        seed: makes initialisation deterministic without touching the global RNG state.
+        registry: where a recipe's names are looked up (default: ``load_registry()``; a ``ViTSpec``
+            is built with the registry it was validated against).
+    """
+    if not isinstance(spec, ViTSpec):
+        spec = load_spec(spec, registry=registry)
+    if seed is None:
+        return VisionTransformer(spec, registry=registry, device=device, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VisionTransformer(spec, registry=registry, device=device, dtype=dtype)

@@ -17,13 +17,16 @@ from __future__ import annotations
 import re
 import types
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Iterator, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, StrictBool, ValidationError, create_model
 from pydantic.types import Strict
 
-from .component import KIND_BASES, KINDS, Component
 from .errors import PluginError, known, one_line, unknown_choice
+from .kinds import KINDS
+
+if TYPE_CHECKING:  # the classes themselves need torch: imported where a component is checked
+    from .component import Component
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -235,6 +238,8 @@ def _checked_params(cls: type) -> type[BaseModel]:
 def check_component(cls: Any, provider: str) -> ComponentInfo:
     """Check a class handed to ``register``; ``PluginError`` (provider-less text) if it is not a
     valid component. May replace ``cls.Params`` by a strict-boolean subclass."""
+    from .component import KIND_BASES, Component  # torch: only once components are registered
+
     if not (isinstance(cls, type) and issubclass(cls, Component)):
         raise PluginError(
             f"registered {cls!r}, which is not a component class "
@@ -292,27 +297,9 @@ class Registry:
         self.op_declarations: dict[str, list[OpRule]] = {}  # op -> every declaration, in load order
         # (kind, name) -> the plugin-declared timm twin of that component (``vitlab_timm_equivalents``)
         self.timm_equivalents: dict[tuple[str, str], Any] = {}
-        self._warned = False  # ``plugins.report_failures`` prints each registry's warnings once
+        self.reported = False  # whether ``plugins.report_failures`` printed its warnings (once per registry)
 
     # --- filling ----------------------------------------------------------------------------------
-
-    def register(self, cls: Any, provider: str) -> ComponentInfo:
-        """Check and add one component at once; a name already taken raises naming both providers."""
-        try:
-            info = check_component(cls, provider)
-        except PluginError as exc:
-            raise PluginError(f"plugin '{provider}' {exc}") from None
-        self.commit([info], [])
-        return info
-
-    def register_op(self, op: str, provider: str, *, flops=None, activations=None, free: str | None = None) -> OpRule:
-        """Check and add one operator rule at once (see ``vitlab_flop_handles``)."""
-        try:
-            rule = check_op(op, provider, flops=flops, activations=activations, free=free)
-        except PluginError as exc:
-            raise PluginError(f"plugin '{provider}' {exc}") from None
-        self.commit([], [rule])
-        return rule
 
     def commit(self, components: list[ComponentInfo], ops: list[OpRule], *, allow_ambiguous: bool = False,
                equivalents: list = ()) -> None:
@@ -352,6 +339,11 @@ class Registry:
         for eq in equivalents:
             if (eq.kind, eq.name) not in seen:
                 raise PluginError(f"declared a timm equivalent for {eq.kind} '{eq.name}', which it does not register")
+            own = seen[(eq.kind, eq.name)].cls.__module__.split(".")[0]
+            if eq.timm_type.__module__.split(".")[0] != own:  # only the plugin's own classes may be claimed
+                raise PluginError(f"timm equivalent of {eq.kind} '{eq.name}': timm_type must be the plugin's own "
+                                  f"class (from '{own}', where the component is), not "
+                                  f"{eq.timm_type.__module__}.{eq.timm_type.__qualname__}")
             if (other := claimed.get(eq.timm_type)) is not None:
                 raise PluginError(f"{eq.timm_type.__qualname__} is already the timm equivalent of {other.kind} "
                                   f"'{other.name}' (plugin '{other.provider}')")
@@ -370,12 +362,6 @@ class Registry:
             self.op_rules.setdefault(rule.op, rule)
         for eq in equivalents:
             self.timm_equivalents[(eq.kind, eq.name)] = eq
-
-    def timm_equivalent(self, kind: str, module: Any):
-        """The plugin-declared timm twin ``module`` is an instance of (the plugin's own class, or
-        the subclass ``timm_kwargs`` makes to bind its arguments), or ``None``."""
-        return next((eq for eq in self.timm_equivalents.values()
-                     if eq.kind == kind and isinstance(module, eq.timm_type)), None)
 
     # --- reading ------------------------------------------------------------------------------------
 
@@ -403,14 +389,18 @@ class Registry:
             )
         wanted = (kind, name)
         failed = [f for f in self.failures if wanted in f.components]
-        verb = "provides"
-        if not failed:  # a plugin that failed before saying what it registers may be the one
-            failed, verb = [f for f in self.failures if not f.complete], "may provide"
         if failed:
-            extra = "".join(f"; {f.label} that {verb} it failed to load: {f.reason}" for f in failed)
-        else:
-            extra = ", provided by no installed plugin"
-        return one_line(unknown_choice(kind, name, table, extra=extra))
+            extra = "".join(f"; {f.label} that provides it failed to load: {f.reason}" for f in failed)
+            return one_line(unknown_choice(kind, name, table, extra=extra))
+        # not registered by anything that loaded: a plugin the user disabled is the likeliest reason
+        # (its code never ran, so what it provides is unknown), then one that failed before saying
+        extra = ""
+        if self.disabled:
+            names = ", ".join(f"'{i.name}'" for i in self.disabled)
+            extra += f"; {DISABLE_ENV} disables plugin{'s' if len(self.disabled) > 1 else ''} {names}, which may provide it"
+        extra += "".join(f"; {f.label} that may provide it failed to load: {f.reason}"
+                         for f in self.failures if not f.complete)
+        return one_line(unknown_choice(kind, name, table, extra=extra or ", provided by no installed plugin"))
 
     def ambiguous(self) -> dict[tuple[str, str], list[ComponentInfo]]:
         """``(kind, name)`` registered by more than one plugin -> their registrations."""

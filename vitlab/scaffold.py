@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .component import KINDS
+from .kinds import KINDS
 from .errors import VitlabError, path_label
+from .registry import Registry
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 # The generated files are string.Template files in the package (vitlab/templates/plugin): one per
@@ -81,7 +82,7 @@ def _files(n: PluginNames, vitlab_version: str) -> dict[str, str]:
     }
 
 
-def scaffold(name: str, kind: str, out_dir: str | Path | None = None, *, registry=None) -> list[Path]:
+def scaffold(name: str, kind: str, out_dir: str | Path | None = None, *, registry: Registry) -> list[Path]:
     """Write the plugin package for ``name`` / ``kind`` into ``out_dir`` (default ``./NAME``).
 
     Raises:
@@ -91,10 +92,6 @@ def scaffold(name: str, kind: str, out_dir: str | Path | None = None, *, registr
     from . import __version__
 
     n = PluginNames.of(name, kind)
-    if registry is None:
-        from .plugins import get_registry
-
-        registry = get_registry()
     if (kind, n.component) in registry:
         provider = registry.get(kind, n.component).provider
         raise VitlabError(f"{kind} '{n.component}' is already registered by '{provider}'; choose another plugin name")

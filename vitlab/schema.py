@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .component import BLOCK_KINDS, KINDS
+from .kinds import BLOCK_KINDS, KINDS
 from .registry import Registry
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -92,15 +92,11 @@ def component_schema(kind: str, registry: Registry, defs: dict[str, Any], base: 
     return out
 
 
-def recipe_schema(registry: Registry | None = None) -> dict[str, Any]:
-    """The JSON Schema of a recipe file with every component in ``registry`` (default: the
-    process-wide one, i.e. built-ins plus installed plugins)."""
+def recipe_schema(registry: Registry) -> dict[str, Any]:
+    """The JSON Schema of a recipe file with every component in ``registry`` (``vitlab schema``
+    passes the process one: built-ins plus installed plugins)."""
     from .spec import ViTSpec
 
-    if registry is None:
-        from .plugins import get_registry
-
-        registry = get_registry()
     spec_schema = ViTSpec.model_json_schema()
     defs: dict[str, Any] = {}
     globals_ = _hoist({k: v for k, v in spec_schema.items() if k != "properties"} | {
@@ -147,10 +143,10 @@ def _layers_schema(registry: Registry, defs: dict[str, Any], base: dict[str, Any
     item = {
         "type": "object",
         "properties": {
-            "at": {"description": 'blocks across the whole model: an int, a list of ints, or "0-5,8"',
+            "at": {"description": 'blocks across the whole model: an int, a list of ints, or "0-5,8" (a step: "1-11:2")',
                    "anyOf": [{"type": "integer", "minimum": 0},
                              {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-                             {"type": "string", "pattern": r"^\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*$"}]},
+                             {"type": "string", "pattern": r"^\s*\d+\s*(-\s*\d+\s*(:\s*\d+\s*)?)?(,\s*\d+\s*(-\s*\d+\s*(:\s*\d+\s*)?)?)*$"}]},
             **{kind: component_schema(kind, registry, defs) for kind in BLOCK_KINDS},
             "mlp_ratio": {"type": "number", "exclusiveMinimum": 0},
         },

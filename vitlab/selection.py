@@ -8,63 +8,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictInt,
-    ValidationError,
-    ValidationInfo,
-    WrapValidator,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import unknown_choice
 from .registry import Registry
-
-PosInt = Annotated[StrictInt, Field(gt=0)]
-NonNegInt = Annotated[StrictInt, Field(ge=0)]
+from .sizes import NonNegInt, PosInt, Rate, Size2, as_pair  # noqa: F401  (re-exported: recipes' size types)
 
 
-def _size2_errors(value: Any, handler: Any) -> Any:
-    """One clear message for a bad size instead of one per union member."""
-    try:
-        return handler(value)
-    except ValidationError:
-        raise ValueError(f"expected a positive integer or [height, width] of positive integers, got {value!r}") from None
-
-
-Size2 = Annotated[Union[PosInt, tuple[PosInt, PosInt]], WrapValidator(_size2_errors)]
-Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-def as_pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """A size given as one int or as (height, width) -> (height, width)."""
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _registry(info: ValidationInfo | None) -> Registry:
-    if info is not None and isinstance(info.context, dict) and info.context.get("registry") is not None:
-        return info.context["registry"]
-    from .plugins import get_registry
-
-    return get_registry()
-
-
-def _error(loc: tuple, msg: str, value: Any = None) -> InitErrorDetails:
+def error_detail(loc: tuple, msg: str, value: Any = None) -> InitErrorDetails:
+    """One validation error at ``loc`` (raised together with others by ``raise_errors``)."""
     return InitErrorDetails(type=PydanticCustomError("vitlab", msg), loc=loc, input=value)
 
 
-def _raise(errors: list[InitErrorDetails], title: str = "ViTSpec") -> None:
+def raise_errors(errors: list[InitErrorDetails], title: str = "ViTSpec") -> None:
+    """Raise ``errors`` as one ``ValidationError``; nothing when there are none."""
     if errors:
         raise ValidationError.from_exception_data(title, errors)
 
 
-def _relocate(exc: ValidationError) -> list[InitErrorDetails]:
+def relocated(exc: ValidationError) -> list[InitErrorDetails]:
     """The errors of a nested ``ValidationError`` as details to raise again (locations kept)."""
-    return [_error(tuple(e["loc"]), e["msg"], e.get("input")) for e in exc.errors()]
+    return [error_detail(tuple(e["loc"]), e["msg"], e.get("input")) for e in exc.errors()]
 
 
 def unknown_key_message(key: Any, valid: list[str], what: str = "field") -> str:
@@ -117,7 +82,7 @@ class LayerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     at: Union[NonNegInt, list[NonNegInt], str] = Field(
-        description='blocks across the whole model: an int, a list of ints, or "0-5,8"')
+        description='blocks across the whole model: an int, a list of ints, or "0-5,8" (a step: "1-11:2")')
 
     @field_validator("at", mode="wrap")
     @classmethod
@@ -147,12 +112,12 @@ class StageSpec(BaseModel):
         None, description="how the previous stage's tokens become this stage's; null = the recipe's transition")
 
 
-def _validate_selection(kind: str, sel: Any, registry: Registry, loc: tuple = ()) -> ComponentSpec:
+def validate_selection(kind: str, sel: Any, registry: Registry, loc: tuple = ()) -> ComponentSpec:
     """A raw ``{name, params}`` -> ``ComponentSpec`` with params validated and defaults filled;
     raises ``ValidationError`` with locations under ``loc``."""
     sel = sel if isinstance(sel, ComponentSpec) else ComponentSpec.model_validate(sel)
     if (kind, sel.name) not in registry:
-        _raise([_error(loc + ("name",), registry.unknown_message(kind, sel.name), sel.name)])
+        raise_errors([error_detail(loc + ("name",), registry.unknown_message(kind, sel.name), sel.name)])
     params_model = registry.get(kind, sel.name).cls.Params
     try:
         params = params_model.model_validate(sel.params)
@@ -165,6 +130,6 @@ def _validate_selection(kind: str, sel: Any, registry: Registry, loc: tuple = ()
                 msg = unknown_choice("parameter", e["loc"][0], valid, label="valid", extra=f" for {kind} '{sel.name}'")
             elif "input" in e and not isinstance(e["input"], (dict, list)):
                 msg = f"{msg[0].lower()}{msg[1:]} (got {e['input']!r})"
-            errors.append(_error(loc + ("params",) + tuple(e["loc"]), msg, e.get("input")))
-        _raise(errors)
+            errors.append(error_detail(loc + ("params",) + tuple(e["loc"]), msg, e.get("input")))
+        raise_errors(errors)
     return ComponentSpec(name=sel.name, params=params.model_dump(mode="json"))

@@ -5,6 +5,10 @@ see ``vitlab.selection``) whose params are validated against the registered comp
 ``Params`` model, with defaults filled in so that a dumped spec is complete; ``layers`` and
 ``stages`` override them per block and per stage. Cross-field constraints (width divisible by heads,
 patch grid, each component's own ``check``) run at validation time, not at build time.
+
+Names are looked up in the registry given in pydantic's validation context
+(``ViTSpec.model_validate(data, context={"registry": reg})``); the spec keeps that registry
+(``spec.registry``), and ``load_spec`` defaults it to the process registry.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     ValidationError,
     ValidationInfo,
@@ -22,28 +27,37 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
-from .component import BLOCK_KINDS, KINDS
+from .kinds import BLOCK_KINDS, KINDS
 from .context import BuildContext
+from .errors import Problem, SpecError
 from .layout import BlockPlan, StagePlan, parse_at
 from .limits import LIMITS
+from .parsing import parse_text
 from .registry import Registry
-from .selection import (  # noqa: F401  (ComponentSpec and the helpers are re-exported for callers)
+from .selection import (
     ComponentSpec,
     LayerSpec,
-    NonNegInt,
     PartialSelection,
-    PosInt,
-    Rate,
-    Size2,
     StageSpec,
-    _error,
-    _raise,
-    _registry,
-    _relocate,
-    _validate_selection,
-    as_pair,
+    error_detail,
+    raise_errors,
+    relocated,
     unknown_key_message,
+    validate_selection,
 )
+from .sizes import NonNegInt, PosInt, Rate, Size2, as_pair
+
+NO_REGISTRY = ("a ViTSpec is validated against a component registry: use vitlab.load_spec(data), or "
+               "ViTSpec.model_validate(data, context={'registry': vitlab.load_registry()})")
+
+
+def _context_registry(info: ValidationInfo) -> Registry:
+    """The registry validation reads: the one in pydantic's validation context."""
+    registry = info.context.get("registry") if isinstance(info.context, dict) else None
+    if registry is None:
+        raise TypeError(NO_REGISTRY)
+    return registry
+
 
 # Sizes beyond any model that can be built: a recipe past them is refused at validation, before
 # anything (even a meta tensor, whose byte count overflows near 2**63) is made. ViT-22B uses
@@ -92,6 +106,17 @@ class ViTSpec(BaseModel):
     layers: list[LayerSpec] = Field(
         default_factory=list, description="per-block overrides of attention, mlp, norm, block, mlp_ratio")
 
+    # the registry this spec was validated against: its names and params mean what they mean there
+    _registry: Optional[Registry] = PrivateAttr(None)
+
+    def __eq__(self, other: Any) -> bool:
+        """Equal recipes are equal specs, whichever registry validated them."""
+        if not isinstance(other, ViTSpec):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  (params are mappings)
+
     # --- validation -------------------------------------------------------------------------
 
     @model_validator(mode="before")
@@ -116,76 +141,97 @@ class ViTSpec(BaseModel):
                 data[key] = stages[-1][key]
         return data
 
+    @classmethod
+    def from_yaml(cls, text: str, *, registry: Registry) -> "ViTSpec":
+        """A spec from recipe text (YAML or JSON, e.g. ``dump_spec`` output), validated against
+        ``registry``. Text names no file: ``extends`` is refused (``vitlab.load_spec`` reads files).
+
+        Raises:
+            SpecError: naming the field path, the bad value and the valid choices.
+        """
+        data = parse_text(text)
+        if "extends" in data:
+            raise SpecError([Problem("extends", "recipe text cannot extend another recipe; "
+                                                "load a recipe file with vitlab.load_spec")])
+        return cls.validated(data, registry)
+
+    @classmethod
+    def validated(cls, data: Any, registry: Registry, source: str | None = None) -> "ViTSpec":
+        """``model_validate`` with ``registry`` in the context, raising ``SpecError`` (one problem
+        per pydantic error, with field path, bad value and valid choices) instead of
+        ``ValidationError``; ``source`` (a file name) prefixes each problem."""
+        try:
+            return cls.model_validate(data, context={"registry": registry})
+        except ValidationError as exc:
+            raise SpecError(spec_problems(exc), source=source) from None
+
     @field_validator(*KINDS, mode="after")
     @classmethod
     def _resolve_component(cls, sel: ComponentSpec, info: ValidationInfo) -> ComponentSpec:
         """Look the name up in the registry and validate params against its ``Params`` model."""
-        return _validate_selection(info.field_name, sel, _registry(info))
+        return validate_selection(info.field_name, sel, _context_registry(info))
 
     @field_validator("stages", mode="after")
     @classmethod
     def _resolve_stages(cls, stages: list[StageSpec] | None, info: ValidationInfo) -> list[StageSpec] | None:
         if stages is None:
             return None
-        registry, errors, out = _registry(info), [], []
+        registry, errors, out = _context_registry(info), [], []
         default = info.data.get("transition")
         for i, stage in enumerate(stages):
             if stage.embed_dim % stage.num_heads:
-                errors.append(_error((i, "num_heads"), f"embed_dim {stage.embed_dim} is not divisible by "
+                errors.append(error_detail((i, "num_heads"), f"embed_dim {stage.embed_dim} is not divisible by "
                                                        f"num_heads {stage.num_heads}", stage.num_heads))
             if i == 0 and stage.transition is not None:
-                errors.append(_error((0, "transition"), "the first stage follows the patch embedding: it has "
+                errors.append(error_detail((0, "transition"), "the first stage follows the patch embedding: it has "
                                                         "no transition (give transitions to later stages)"))
             elif i > 0 and default is not None:
                 try:
-                    sel = _validate_selection("transition", (stage.transition or PartialSelection()).over(default),
+                    sel = validate_selection("transition", (stage.transition or PartialSelection()).over(default),
                                               registry, (i, "transition"))
                 except ValidationError as exc:
-                    errors.extend(_relocate(exc))
+                    errors.extend(relocated(exc))
                     sel = None
                 stage = stage.model_copy(update={"transition": PartialSelection(name=sel.name, params=sel.params)
                                                  if sel is not None else stage.transition})
             out.append(stage)
-        _raise(errors)
+        raise_errors(errors)
         return out
 
     @field_validator("layers", mode="after")
     @classmethod
     def _resolve_layers(cls, layers: list[LayerSpec], info: ValidationInfo) -> list[LayerSpec]:
         """Check ``at`` against the depth and resolve each override to a complete selection."""
-        registry, errors, out = _registry(info), [], []
+        registry, errors, out = _context_registry(info), [], []
         depth = info.data.get("depth")
         for i, layer in enumerate(layers):
             if depth is not None and depth <= LIMITS["depth"]:  # past it, depth alone is the error
                 try:
                     parse_at(layer.at, depth)
                 except ValueError as exc:
-                    errors.append(_error((i, "at"), str(exc), layer.at))
+                    errors.append(error_detail((i, "at"), str(exc), layer.at))
             update = {}
             for kind in BLOCK_KINDS:
                 override, default = getattr(layer, kind), info.data.get(kind)
                 if override is None or default is None:
                     continue
                 try:
-                    sel = _validate_selection(kind, override.over(default), registry, (i, kind))
+                    sel = validate_selection(kind, override.over(default), registry, (i, kind))
                 except ValidationError as exc:
-                    errors.extend(_relocate(exc))
+                    errors.extend(relocated(exc))
                     continue
                 update[kind] = PartialSelection(name=sel.name, params=sel.params)
             out.append(layer.model_copy(update=update))
-        _raise(errors)
+        raise_errors(errors)
         return out
 
     def _size_errors(self) -> list[InitErrorDetails]:
         """Sizes past ``LIMITS``: one error each, naming the limit."""
-        sizes = {"depth": self.depth, "embed_dim": self.embed_dim, "mlp_hidden_dim": self.mlp_hidden_dim,
+        sizes = {"depth": self.depth, "embed_dim": self.embed_dim,  # MLP widths: ``_mlp_width_errors``
                  "num_classes": self.num_classes, "reg_tokens": self.reg_tokens, "in_chans": self.in_chans,
                  "img_size": max(self.img_hw)}
         for i, st in enumerate(self.stages or []):
             sizes[f"stages.{i}.embed_dim"] = st.embed_dim
-        for j, layer in enumerate(self.layers):
-            if layer.mlp_ratio is not None:
-                sizes[f"layers.{j}.mlp_hidden_dim"] = int(self.embed_dim * layer.mlp_ratio)
         errors = []
         for key, value in sizes.items():
             limit = LIMITS[key.rpartition(".")[2]]
@@ -193,22 +239,43 @@ class ViTSpec(BaseModel):
                 field = "mlp_ratio" if key.endswith("mlp_hidden_dim") else key.rpartition(".")[2]
                 loc = tuple(int(p) if p.isdigit() else p for p in key.split("."))[:-1] + (field,)
                 what = f"an MLP width of {value}" if field == "mlp_ratio" else f"{value}"
-                errors.append(_error(loc, f"{what} is beyond what can be built (at most {limit:,})", value))
+                errors.append(error_detail(loc, f"{what} is beyond what can be built (at most {limit:,})", value))
+        return errors or self._mlp_width_errors()
+
+    def _mlp_width_errors(self) -> list[InitErrorDetails]:
+        """Each MLP ratio times the width of every stage it is used in gives an MLP of 1 to
+        ``LIMITS["mlp_hidden_dim"]`` units, located at the ratio (global or a ``layers`` entry)."""
+        dims = [st.embed_dim for st in self.stages] if self.stages else [self.embed_dim]
+        stage_of = [i for i, st in enumerate(self.stages) for _ in range(st.depth)] if self.stages else None
+        limit = LIMITS["mlp_hidden_dim"]
+        checks = [(("mlp_ratio",), self.mlp_ratio, range(len(dims)))]
+        for j, layer in enumerate(self.layers):
+            if layer.mlp_ratio is None:
+                continue
+            try:  # a bad ``at`` has its own error; here only the stages it reaches matter
+                blocks = parse_at(layer.at, self.depth)
+            except ValueError:
+                continue
+            stages = {stage_of[b] for b in blocks if b < len(stage_of)} if stage_of else {0}
+            checks.append((("layers", j, "mlp_ratio"), layer.mlp_ratio, sorted(stages)))
+        errors = []
+        for loc, ratio, stages in checks:  # the first bad stage of each ratio
+            for i, width in ((i, int(dims[i] * ratio)) for i in stages):
+                where = f" in stage {i}" if self.stages else ""
+                if not 1 <= width <= limit:
+                    errors.append(error_detail(loc, f"an MLP width of {width}{where} is beyond what can be built (at "
+                                               f"most {limit:,})" if width > limit else f"embed_dim {dims[i]} * "
+                                               f"mlp_ratio {ratio:g} gives an MLP width below 1{where}", ratio))
+                    break
         return errors
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> "ViTSpec":
         errors = self._size_errors()
         if errors:  # nothing below is safe to size with these
-            _raise(errors)
-        if self.mlp_hidden_dim < 1:
-            errors.append(_error(
-                ("mlp_ratio",),
-                f"embed_dim * mlp_ratio = {self.embed_dim * self.mlp_ratio:g} gives an MLP width below 1",
-                self.mlp_ratio,
-            ))
+            raise_errors(errors)
         if self.embed_dim % self.num_heads:
-            errors.append(_error(
+            errors.append(error_detail(
                 ("num_heads",),
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
                 self.num_heads,
@@ -218,17 +285,18 @@ class ViTSpec(BaseModel):
                               ("embed_dim", self.stages[-1].embed_dim), ("num_heads", self.stages[-1].num_heads)):
                 if getattr(self, key) != want:
                     what = "the sum of the stages' depths" if key == "depth" else f"the last stage's {key}"
-                    errors.append(_error((key,), f"{getattr(self, key)} disagrees with {what}, {want} "
+                    errors.append(error_detail((key,), f"{getattr(self, key)} disagrees with {what}, {want} "
                                                  "(leave it out: stages imply it)", getattr(self, key)))
-        registry = _registry(info)
+        registry = _context_registry(info)
         try:
             contexts = self.stage_contexts(registry, device="meta")
         except ValueError as exc:  # the patch embedder's grid check, or a transition's
-            _raise(errors + [_error(("img_size",), str(exc), self.img_size)])
+            raise_errors(errors + [error_detail(("img_size",), str(exc), self.img_size)])
             return self
         if not errors:
             errors = self._check_components(registry, contexts)
-        _raise(errors)
+        raise_errors(errors)
+        self._registry = registry
         return self
 
     def _check_components(self, registry: Registry, contexts: list[BuildContext]) -> list[InitErrorDetails]:
@@ -261,9 +329,9 @@ class ViTSpec(BaseModel):
             try:
                 comp.check(ctx, comp.Params.model_validate(sel.params))
             except ValueError as exc:
-                errors.append(_error(loc, f"{sel.name}{from_plugin}{where} {exc}", sel.name))
+                errors.append(error_detail(loc, f"{sel.name}{from_plugin}{where} {exc}", sel.name))
             except Exception as exc:  # a bug in foreign code: say whose, not a traceback
-                errors.append(_error(loc, f"{sel.name}{from_plugin}: its check() raised {type(exc).__name__}: {exc}", sel.name))
+                errors.append(error_detail(loc, f"{sel.name}{from_plugin}: its check() raised {type(exc).__name__}: {exc}", sel.name))
         return errors + self._check_bias_takers(registry)
 
     def _check_bias_takers(self, registry: Registry) -> list[InitErrorDetails]:
@@ -278,7 +346,7 @@ class ViTSpec(BaseModel):
             if loc in seen or registry.get("attention", sel.name).cls.takes_attn_bias:
                 continue
             seen.add(loc)
-            errors.append(_error(loc, f"{sel.name} has no place for the attention bias pos_embed '{pe}' gives "
+            errors.append(error_detail(loc, f"{sel.name} has no place for the attention bias pos_embed '{pe}' gives "
                                       "(a bias over token pairs)", sel.name))
         return errors
 
@@ -299,6 +367,13 @@ class ViTSpec(BaseModel):
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.reg_tokens
+
+    @property
+    def registry(self) -> Registry:
+        """The registry this spec was validated against (and that builds it by default)."""
+        if self._registry is None:  # made without validation (``model_construct``)
+            raise TypeError(NO_REGISTRY)
+        return self._registry
 
     def selection(self, kind: str) -> ComponentSpec:
         """The recipe's default selection of ``kind`` (blocks may override it: ``block_plans``)."""
@@ -339,7 +414,7 @@ class ViTSpec(BaseModel):
         """The build context of each stage: its width, heads, the grid it runs on (the patch
         embedder's for the first, each transition's ``out_grid`` after) and its prefix tokens
         (each transition's ``out_prefix``). Raises ``ValueError`` when a grid does not fit."""
-        registry = registry if registry is not None else _registry(None)
+        registry = registry if registry is not None else self.registry
         plans = self.stage_plans()
         contexts = [self.build_context(registry, **alloc)]  # the first stage's sizes
         for plan in plans[1:]:
@@ -364,10 +439,7 @@ class ViTSpec(BaseModel):
     def build_context(self, registry: Registry | None = None, **alloc: Any) -> BuildContext:
         """The sizes of the model's input side (its first stage); see ``stage_contexts`` for all.
         Raises ``ValueError`` if the patch grid does not fit."""
-        if registry is None:
-            from .plugins import get_registry
-
-            registry = get_registry()
+        registry = registry if registry is not None else self.registry
         embed = registry.get("patch_embed", self.patch_embed.name).cls
         grid = embed.grid_size(self.img_hw, self.patch_hw, embed.Params.model_validate(self.patch_embed.params))
         first = self.stages[0] if self.stages else None
@@ -392,5 +464,36 @@ class ViTSpec(BaseModel):
         return self.build_context().num_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (lists for pairs), every field present: what ``dump_spec`` writes."""
-        return self.model_dump(mode="json")
+        """Plain data (lists for pairs), every field that means something present: what
+        ``dump_spec`` writes. A ``layers`` entry keeps only what it overrides (an unset kind is
+        absent, not null, as the recipe schema wants), and ``transition`` is there only with
+        ``stages``."""
+        data = self.model_dump(mode="json")
+        data["layers"] = [{k: v for k, v in layer.items() if v is not None} for layer in data["layers"]]
+        default = type(self).model_fields["transition"].default.name
+        if (self.stages is None and self.transition.name == default
+                and self.transition.params == self.registry.get("transition", default).default_params()):
+            del data["transition"]  # the stages' default transition means nothing without stages
+        return data
+
+
+def spec_problems(exc: ValidationError) -> list[Problem]:
+    """pydantic errors -> one readable problem each, with field path, bad value and valid choices."""
+    out = []
+    for e in exc.errors():
+        loc = tuple(e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            if len(loc) == 1:
+                msg = unknown_key_message(loc[0], list(ViTSpec.model_fields))
+            elif len(loc) == 2 and loc[0] in KINDS:
+                msg = unknown_key_message(loc[1], list(ComponentSpec.model_fields))
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        elif e["type"] != "vitlab" and "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        if e["type"] != "vitlab":
+            msg = msg[0].lower() + msg[1:] if msg else msg
+        path = ".".join(str(p) for p in loc if not (isinstance(p, str) and "[" in p))
+        out.append(Problem(path, msg))
+    return out

@@ -2,6 +2,8 @@
 import vitlab
 from vitlab.components.attention import MultiHeadSelfAttention
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 class AnotherMhsa(MultiHeadSelfAttention):
     """Same name as the built-in."""

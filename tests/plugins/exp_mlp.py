@@ -4,6 +4,8 @@ import torch
 
 import vitlab
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 class ExpMlp(vitlab.Mlp):
     """fc2(exp(fc1(x))) (test plugin)."""

@@ -4,6 +4,8 @@ import torch
 
 import vitlab
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 class ExpPool(vitlab.Pool):
     """exp of the class token (test plugin)."""

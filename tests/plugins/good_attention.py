@@ -8,6 +8,8 @@ from torch import nn
 import vitlab
 from vitlab.component import Attention
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 class CosineAttention(Attention):
     """Cosine-similarity attention with a fixed logit scale (test plugin)."""

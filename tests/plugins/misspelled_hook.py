@@ -2,6 +2,8 @@
 rather than silently register nothing."""
 import vitlab
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 @vitlab.hookimpl
 def vitlab_register_component(register):

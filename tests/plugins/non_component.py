@@ -3,6 +3,8 @@ import torch
 
 import vitlab
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 @vitlab.hookimpl
 def vitlab_register_components(register):

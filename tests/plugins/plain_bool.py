@@ -5,6 +5,8 @@ from pydantic import Field, field_validator
 
 import vitlab
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 class FlagPool(vitlab.Pool):
     """Class-token pooling with some switches (test plugin)."""

@@ -2,6 +2,8 @@
 import vitlab
 from vitlab.components.attention import MultiHeadSelfAttention
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 class OtherTwin(MultiHeadSelfAttention):
     """The other plugin's attention named twin."""

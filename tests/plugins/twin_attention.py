@@ -2,6 +2,8 @@
 import vitlab
 from vitlab.components.attention import MultiHeadSelfAttention
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 class TwinAttention(MultiHeadSelfAttention):
     """One of two plugins' attention named twin."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import vitlab
 from vitlab.components.attention import MultiHeadSelfAttention
 
+vitlab_api = 2  # the plugin API this module targets
+
 
 class TypoAttention(MultiHeadSelfAttention):
     """Params cannot be completed."""

@@ -65,38 +65,95 @@ def parse_sweep(text: str) -> Sweep:
     return Sweep(key, tuple((v, parse_override(f"{key}={v}")[1]) for v in values))
 
 
+def _common(sweeps: Sequence[Sweep], overrides: Iterable[str] | dict | None) -> dict[str, Any]:
+    """The overrides every variant gets; a key swept twice is refused."""
+    from ..recipes import parse_override
+
+    keys = [s.key for s in sweeps]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise VitlabError(f"--sweep given twice for {', '.join(dup)}; list all values in one --sweep KEY=V1,V2")
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    return dict(parse_override(o) for o in overrides)
+
+
+def _suffix(assignments: Sequence[tuple[str, str]]) -> str:
+    return f"[{','.join(f'{k}={v}' for k, v in assignments)}]" if assignments else ""
+
+
+def _variant(recipe: str, sweeps: Sequence[Sweep], combo: Sequence[tuple[str, Any]], common: dict[str, Any]) -> Variant:
+    """One recipe under the common overrides and one combination of sweep values, validated."""
+    from ..recipes import load_spec
+
+    changes = {**common, **{s.key: value for s, (_, value) in zip(sweeps, combo)}}
+    assignments = tuple((s.key, raw) for s, (raw, _) in zip(sweeps, combo))
+    try:
+        spec = load_spec(recipe, overrides=changes or None)
+    except SpecError as exc:
+        if assignments:
+            where = ", ".join(f"{k}={v}" for k, v in assignments)
+            raise SpecError(exc.problems, source=f"{exc.source or recipe} [{where}]") from None
+        raise
+    return Variant(recipe, changes, assignments, spec, spec.name + _suffix(assignments))
+
+
 def expand(recipes: Sequence[str], sweeps: Sequence[Sweep] = (), overrides: Iterable[str] | dict | None = None) -> list[Variant]:
     """Every recipe times the cartesian product of the sweeps, on top of the common ``overrides``.
 
     Specs are loaded (validated) here, so a bad key or value fails before any counting.
     """
-    from ..recipes import load_spec, parse_override
+    common = _common(sweeps, overrides)
+    return [_variant(recipe, sweeps, combo, common)
+            for recipe in recipes for combo in itertools.product(*(s.values for s in sweeps))]
 
-    if overrides is None:
-        common: dict[str, Any] = {}
-    elif isinstance(overrides, dict):
-        common = dict(overrides)
+
+def expand_shard(recipes: Sequence[str], sweeps: Sequence[Sweep], overrides: Iterable[str] | dict | None,
+                 index: int, count: int, baseline: str | None = None) -> tuple[list[Variant], Variant]:
+    """Variants ``index``, ``index + count``, ... of ``expand``'s list, and the baseline variant
+    (``baseline`` by name, else the first of the whole list), validating only those: an array job
+    of any size does the work of its own shard. A variant's place in the list is arithmetic (recipe,
+    then the sweeps' product, the last sweep fastest); names need one load per recipe."""
+    common = _common(sweeps, overrides)
+    sizes = [len(s.values) for s in sweeps]
+    per_recipe = 1
+    for n in sizes:
+        per_recipe *= n
+    total = len(recipes) * per_recipe
+
+    def at(position: int) -> tuple[str, list[tuple[str, Any]]]:
+        recipe, rest = recipes[position // per_recipe], position % per_recipe
+        combo = []
+        for sweep, n in zip(reversed(sweeps), reversed(sizes)):  # mixed radix: the last sweep is the fastest digit
+            rest, digit = divmod(rest, n)
+            combo.append(sweep.values[digit])
+        return recipe, combo[::-1]
+
+    mine = [_variant(recipe, sweeps, combo, common) for recipe, combo in map(at, range(index, total, count))]
+    if baseline is None:
+        recipe, combo = at(0)
+        return mine, _variant(recipe, sweeps, combo, common)
+    if any(s.key == "name" for s in sweeps):  # names come from the sweep itself: expand them all
+        found = next((v for v in expand(recipes, sweeps, common) if v.name == baseline), None)
     else:
-        common = dict(parse_override(o) for o in overrides)
-    keys = [s.key for s in sweeps]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise VitlabError(f"--sweep given twice for {', '.join(dup)}; list all values in one --sweep KEY=V1,V2")
-    out = []
-    for recipe in recipes:
-        for combo in itertools.product(*(s.values for s in sweeps)):
-            changes = {**common, **{s.key: value for s, (_, value) in zip(sweeps, combo)}}
-            assignments = tuple((s.key, raw) for s, (raw, _) in zip(sweeps, combo))
-            try:
-                spec = load_spec(recipe, overrides=changes or None)
-            except SpecError as exc:
-                if assignments:
-                    where = ", ".join(f"{k}={v}" for k, v in assignments)
-                    raise SpecError(exc.problems, source=f"{exc.source or recipe} [{where}]") from None
-                raise
-            name = spec.name + (f"[{','.join(f'{k}={v}' for k, v in assignments)}]" if assignments else "")
-            out.append(Variant(recipe, changes, assignments, spec, name))
-    return out
+        from ..recipes import load_spec
+
+        base_names = {r: load_spec(r, overrides=common or None).name for r in dict.fromkeys(recipes)}
+        found = None
+        for p in range(total):
+            recipe, combo = at(p)
+            name = base_names[recipe] + _suffix([(s.key, raw) for s, (raw, _) in zip(sweeps, combo)])
+            if name == baseline:
+                found = _variant(recipe, sweeps, combo, common)
+                break
+    if found is None:
+        recipe, combo = at(0)
+        first = _variant(recipe, sweeps, combo, common).name
+        raise VitlabError(f"unknown baseline {baseline!r}: no variant of the {total:,} has that name "
+                          f"(they are named like {first!r})")
+    return mine, found
 
 
 def run(variants: Sequence[Variant], img_size=None, batch_size: int = 1, method: str = "auto",
@@ -120,18 +177,6 @@ def run(variants: Sequence[Variant], img_size=None, batch_size: int = 1, method:
         if on_done is not None:
             on_done(v, report)
     return reports
-
-
-def merge(parts: Sequence[Sequence[dict[str, Any]]]) -> tuple[list[Report], str | None]:
-    """The reports of ``compare --format json`` outputs (shards), each variant once in order of
-    first appearance, and the baseline the parts were compared against."""
-    seen: dict[str, Report] = {}
-    baseline = None
-    for rows_ in parts:
-        for row in rows_:
-            baseline = baseline or row.get("baseline")
-            seen.setdefault(row["name"], Report.from_dict(row))
-    return list(seen.values()), baseline
 
 
 def _delta(value: int, base: int) -> float | None:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..registry import Registry
@@ -47,6 +46,14 @@ class Counts:
 
     def module_totals(self, what: str = FLOPS) -> dict[str, int]:
         return {name: self.total(what, name) for name in self.by_module_op}
+
+
+META_FAILURES: tuple[type[Exception], ...] = (NotImplementedError, RuntimeError, TypeError)
+"""What a component that cannot run on meta tensors raises there: an operator without a meta
+kernel (``NotImplementedError``), ``.item()`` or a data-dependent shape (``RuntimeError``), a
+shape check traced with a tensor for its condition (``TypeError``: torch's meta convolution under
+the jit tracer). The cue, and the only one, to count on real zero weights instead; anything else
+(a wrong input size: ``ValueError``) is the caller's error and propagates."""
 
 
 # --- tracing ----------------------------------------------------------------------------------------
@@ -127,8 +134,8 @@ class _MetaConvolutions(torch.overrides.TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def meta_convolutions(module: nn.Module) -> Iterator[None]:
-    """While tracing ``module``: its convolutions on meta tensors as shape-only stand-ins."""
+def meta_convolutions() -> Iterator[None]:
+    """While tracing: convolutions on meta tensors as shape-only stand-ins."""
     with _MetaConvolutions():
         yield
 
@@ -170,7 +177,7 @@ def trace(module: nn.Module, inputs: tuple[torch.Tensor, ...], registry: Registr
             handles[stand_in] = handles[aten]
     analysis = JitModelAnalysis(module, inputs).set_op_handle(**handles)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    with warnings.catch_warnings(), meta_convolutions(module), torch.no_grad():
+    with warnings.catch_warnings(), meta_convolutions(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit deprecation and tracer warnings
         stats = analysis.by_module_and_operator()
     return Counts(
@@ -181,21 +188,26 @@ def trace(module: nn.Module, inputs: tuple[torch.Tensor, ...], registry: Registr
 
 
 def flop_counter_total(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
-    """``torch.utils.flop_counter.FlopCounterMode`` on one eager forward (2 FLOPs per multiply-add)."""
+    """``torch.utils.flop_counter.FlopCounterMode`` on one eager forward (2 FLOPs per multiply-add).
+
+    Shapes are all it needs, so it runs on meta stand-ins of the weights and inputs (no arithmetic),
+    which do not require gradients: the counter's module tracker hooks the autograd graph of every
+    module input that does, and a view of a parameter made under ``no_grad`` (attention pooling's
+    ``latent.expand(B, ...)``) requires gradients without having a graph ("Expected gradient
+    function to be set"). A module with real inputs that cannot run on meta tensors gets a real
+    forward instead."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    if not all(t.device.type == "meta" for t in inputs):
-        # shapes are all it needs: run on meta stand-ins of the weights and inputs (no arithmetic);
-        # a module that cannot run on meta tensors gets a real forward instead
-        try:
-            state = {k: torch.empty_like(v, device="meta") for k, v in
-                     list(module.named_parameters()) + list(module.named_buffers())}
-            meta_inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                torch.func.functional_call(module, state, meta_inputs)
-            return int(counter.get_total_flops())
-        except Exception:  # noqa: BLE001  (any failure: count with the real forward)
-            pass
+    state = {k: torch.empty_like(v, device="meta") for k, v in
+             list(module.named_parameters()) + list(module.named_buffers())}
+    meta_inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            torch.func.functional_call(module, state, meta_inputs)
+        return int(counter.get_total_flops())
+    except META_FAILURES:
+        if all(t.is_meta for t in inputs):
+            raise
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(*inputs)
     return int(counter.get_total_flops())

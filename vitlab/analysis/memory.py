@@ -29,6 +29,7 @@ Estimates, in bytes at the batch size and dtype:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import VitlabError
+from ..limits import MAX_BATCH  # noqa: F401  (re-exported: the batch bound lives with the other limits)
 
 MEMORY_KEYS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "train_peak_bytes",
                "infer_peak_bytes")
@@ -49,9 +51,6 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 ADAMW_BYTES_PER_PARAM = 8  # exp_avg and exp_avg_sq, fp32
 
-MAX_BATCH = 2**24
-"""The largest batch size any command accepts: beyond it element counts of a ViT's activations
-approach int64 and no machine holds the batch anyway."""
 
 MAX_MEMORY_ENV = "VITLAB_MAX_MEMORY"
 
@@ -62,22 +61,39 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+MAX_BYTES = 2**60
+"""The largest size a memory option accepts (1 EiB): beyond it no machine exists, and the byte
+counts derived from it would overflow."""
+
+
+def _size_error(option: str, text: object, why: str = "") -> VitlabError:
+    return VitlabError(f"{option}: expected a size such as 32GiB, 1.5GB or 512MiB "
+                       f"(units: {', '.join(u for u in _UNITS if u)}; at most 1 EiB){why}, got {str(text)[:40]!r}")
+
+
+def _bounded(value: float, option: str, text: object) -> int:
+    """``value`` bytes as an int, refused if not finite, negative, zero or above ``MAX_BYTES``."""
+    if not math.isfinite(value) or value < 1 or value > MAX_BYTES:
+        raise _size_error(option, text, "; a finite size of at least 1 byte")
+    return int(value)
+
+
 def parse_bytes(text: str, option: str = MAX_MEMORY_ENV) -> int:
-    """``"32GiB"``, ``"1.5 GB"``, ``"512MiB"`` or a plain byte count -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    """``"32GiB"``, ``"1.5 GB"``, ``"512MiB"`` or a plain byte count -> bytes (1 B to 1 EiB)."""
+    m = re.fullmatch(r"\s*([0-9]{1,30}\.?[0-9]{0,30})\s*([a-zA-Z]*)\s*", str(text)[:100])
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:
-        raise VitlabError(f"{option}: expected a size such as 32GiB, 1.5GB or 512MiB "
-                          f"(units: {', '.join(u for u in _UNITS if u)}), got {text!r}")
-    return int(float(m.group(1)) * _UNITS[unit])
+        raise _size_error(option, text)
+    return _bounded(float(m.group(1)) * _UNITS[unit], option, text)
 
 
 def parse_gib(text: str, option: str = "--fit") -> int:
-    """``--fit 16`` (GiB) or ``--fit 16GiB`` -> bytes."""
+    """``--fit 16`` (GiB) or ``--fit 16GiB`` -> bytes; ``inf``, ``nan`` and ``1e999`` are refused."""
     try:
-        return int(float(text) * 2**30)
+        value = float(text)
     except ValueError:
         return parse_bytes(text, option)
+    return _bounded(value * 2**30, option, text)
 
 
 def human(n: int | float | None) -> str:

@@ -2,6 +2,7 @@
 each variant's FLOPs by component kind. matplotlib is imported on use, with the Agg backend."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -24,8 +25,19 @@ def short_labels(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+LOG_SPAN = 20.0  # data spanning more than this factor is drawn on log axes
+
+
+def _log_axes(values: Sequence[float]) -> bool:
+    """Whether ``values`` span too wide a range for linear axes (ViT-Ti beside ViT-22B: a 4000x span
+    squashes every small model into one blob of overlapping labels)."""
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) and len(values) > 1 and max(positive) / min(positive) > LOG_SPAN
+
+
 def _groups(xs: Sequence[float], ys: Sequence[float], tol: float = 0.015) -> list[list[int]]:
-    """Indices of points that sit on top of each other (within ``tol`` of the data range)."""
+    """Indices of points that sit on top of each other (within ``tol`` of the data range, in the
+    coordinates the axes use: pass logarithms for log axes)."""
     dx = (max(xs) - min(xs)) or 1.0
     dy = (max(ys) - min(ys)) or 1.0
     groups: list[list[int]] = []
@@ -66,14 +78,21 @@ def comparison_figure(reports: Sequence[Report], baseline: str | None = None):
     base = [i for i, r in enumerate(reports) if r.name == baseline][:1]
     if base and n > 1:  # drawn on top, so a variant at the same point does not hide it
         ax1.scatter([xs[base[0]]], [ys[base[0]]], s=60, color="#D55E00", zorder=5, edgecolor="white", linewidth=0.8)
-    for g in _groups(xs, ys):
+    logx, logy = _log_axes(xs), _log_axes(ys)
+    if logx:
+        ax1.set_xscale("log")
+    if logy:
+        ax1.set_yscale("log")
+    drawn_x = [math.log10(x) for x in xs] if logx else xs
+    drawn_y = [math.log10(y) for y in ys] if logy else ys
+    for g in _groups(drawn_x, drawn_y):
         text = ", ".join(str(i + 1) if numbered else labels[i] for i in g)
         if not numbered and len(g) > 1:
             text = "\n".join(labels[i] for i in g)
         ax1.annotate(text, (xs[g[0]], ys[g[0]]), xytext=(7, 0), textcoords="offset points", va="center",
                      fontsize=8.5, zorder=4)
-    ax1.set_xlabel("parameters (M)")
-    ax1.set_ylabel("GFLOPs (fvcore: multiply-adds)")
+    ax1.set_xlabel("parameters (M)" + (", log scale" if logx else ""))
+    ax1.set_ylabel("GFLOPs (fvcore: multiply-adds)" + (", log scale" if logy else ""))
     ax1.set_title("FLOPs against parameters", fontsize=10.5)
     ax1.grid(True, alpha=0.3, zorder=0)
     ax1.margins(x=0.12 if numbered else 0.22, y=0.12)
@@ -87,18 +106,26 @@ def comparison_figure(reports: Sequence[Report], baseline: str | None = None):
     # below: stacked bars by kind, first variant on top (kinds that are zero everywhere left out)
     kinds = [k for k in KIND_KEYS if any(r.by_kind.get(k, 0) for r in reports)]
     ypos = list(range(n))[::-1]
+    totals = [sum(r.by_kind.get(k, 0) for k in kinds) / 1e9 for r in reports]
+    # totals too far apart for one linear axis: each bar is its variant's shares, its total printed
+    shares = _log_axes(totals)
     left = [0.0] * n
     for kind in kinds:
         vals = [r.by_kind.get(kind, 0) / 1e9 for r in reports]
+        if shares:
+            vals = [v / t if t else 0.0 for v, t in zip(vals, totals)]
         ax2.barh(ypos, vals, left=left, color=_COLOURS[kind], label=kind, edgecolor="white", linewidth=0.5, height=0.7)
         left = [a + b for a, b in zip(left, vals)]
     ticks = [(f"{i + 1}. " if numbered else "") + lab + (" *" if r.derived else "")
              for i, (lab, r) in enumerate(zip(labels, reports))]
     ax2.set_yticks(ypos, ticks, fontsize=8.5 if n <= 24 else 7)
-    for y, total in zip(ypos, left):
-        ax2.text(total, y, f" {total:.3g}", va="center", fontsize=7.5, color="#333333")
-    ax2.set_xlabel("GFLOPs")
-    ax2.set_xlim(0, max(left) * 1.12 if max(left) > 0 else 1)
+    for y, end, total in zip(ypos, left, totals):
+        shown = f"{total:,.0f}" if total >= 1000 else f"{total:.3g}"
+        ax2.text(end, y, f" {shown}" + (" GFLOPs" if shares else ""), va="center", fontsize=7.5, color="#333333")
+    ax2.set_xlabel("share of each variant's FLOPs (its total at the right)" if shares else "GFLOPs")
+    ax2.set_xlim(0, max(left) * (1.22 if shares else 1.12) if max(left) > 0 else 1)
+    if shares:
+        ax2.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
     ax2.set_ylim(-0.6, n - 0.4)
     ax2.set_title("FLOPs by component kind", fontsize=10.5, pad=22)
     ax2.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(kinds), fontsize=8, frameon=False,

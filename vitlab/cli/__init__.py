@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from ..errors import VitlabError, one_line
+from ..errors import VitlabError, is_out_of_memory, one_line
 
 SET_HELP = "Override a recipe field: KEY=VALUE with a dotted key (depth=6, attention.params.qk_norm=true). Repeatable."
 
@@ -22,8 +22,8 @@ def set_option(f):
 
 
 def fail(error: VitlabError) -> None:
-    for line in error.lines():
-        click.echo(f"error: {line}", err=True)
+    for line in error.lines():  # each problem one line, whatever names and values it quotes
+        click.echo(f"error: {one_line(line)}", err=True)
     sys.exit(error.exit_code)
 
 
@@ -83,18 +83,36 @@ class VitlabGroup(click.Group):
         except Exception as exc:  # an internal error: one line, traceback only on request
             if os.environ.get("VITLAB_DEBUG"):
                 raise
+            if is_out_of_memory(exc):  # the guard was lifted or wrong: the machine said no, not vitlab
+                click.echo(f"error: out of memory: {one_line(str(exc))[:300]} (lower --batch-size, or use "
+                           "--device meta / --method derived for counts)", err=True)
+                sys.exit(1)
             click.echo(f"error: internal error {type(exc).__name__}: {one_line(str(exc))} (set VITLAB_DEBUG=1 for a traceback)",
                        err=True)
             sys.exit(1)
 
 
+def _allow_extends_outside(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # read where recipes are loaded (``recipes.extends_outside_allowed``), and by --measure's children
+        from ..recipes import ALLOW_EXTENDS_OUTSIDE
+
+        os.environ[ALLOW_EXTENDS_OUTSIDE] = "1"
+
+
 @click.group(cls=VitlabGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vitlab")
+@click.option("--allow-extends-outside", is_flag=True, expose_value=False, is_eager=True,
+              callback=_allow_extends_outside,
+              help="Let a recipe's 'extends' name a file outside its own folder and the bundled recipes "
+                   "(also VITLAB_ALLOW_EXTENDS_OUTSIDE=1).")
 def cli() -> None:
     """Explore Vision Transformer architectures from YAML recipes."""
 
 
 def main() -> None:
+    from ..terminal import guard_std_streams
+
+    guard_std_streams()  # no control character of a name or path reaches the terminal raw
     load_commands()
     cli(prog_name="vitlab")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..analysis.memory import MAX_BATCH
-from ..errors import VitlabError, unknown_choice
+from ..limits import MAX_BATCH
+from ..errors import VitlabError, one_line, path_label, unknown_choice
 from . import cli, set_option
 from .output import FORMATS
 
@@ -27,18 +27,19 @@ def _img_size(text: str | None):
 
 
 def _common(f):
-    f = click.option("--force", is_flag=True, help="Overwrite OUTPUT (and the plot) if it exists.")(f)
+    f = click.option("--force", is_flag=True, help="Overwrite the files this command writes if they exist.")(f)
     f = click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Write to a file; the format follows the suffix (.json .csv .md .txt) unless --format is given.")(f)
     f = click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
                      help="Output format (default: table, or the output file's suffix).")(f)
     f = click.option("--method", type=click.Choice(["auto", "full", "derived"]), default="auto", show_default=True,
-                     help="full: trace the whole model; derived: each distinct block once, scaled; auto: full on meta tensors.")(f)
+                     help="full: trace the whole model (on meta tensors); derived: each distinct block once, scaled; "
+                          "auto: derived in compare (pieces shared across variants), full in flops.")(f)
     f = click.option("--fit", default=None, metavar="GiB",
                      help="Also give the largest training batch predicted to fit in this much memory (16, 16GiB, 512MiB).")(f)
     f = click.option("--grad-checkpointing", is_flag=True, help="Predict memory with every block checkpointed.")(f)
     f = click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-                     help="What the memory prediction (and --measure) holds weights and activations in.")(f)
+                     help="The dtype of weights and activations in the memory prediction (and in measured runs).")(f)
     f = click.option("--batch-size", "-b", type=click.IntRange(min=1, max=MAX_BATCH), default=1, show_default=True,
                      help="Images per forward.")(f)
     f = click.option("--img-size", default=None, metavar="N|HxW", help="Input size (default: the recipe's).")(f)
@@ -81,6 +82,7 @@ def _fit_budget(fit: str | None) -> int | None:
 
 def _add_fit(reports, specs, budget: int, size) -> None:
     """``report.fit = {budget_bytes, batch_size}``: the largest training batch predicted to fit."""
+    from ..analysis.memory import human
     from ..analysis.pieces import PieceCache, largest_batch
     from ..recipes import load_spec
     from ..spec import as_pair
@@ -91,6 +93,10 @@ def _add_fit(reports, specs, budget: int, size) -> None:
             spec = load_spec(spec, overrides={"img_size": list(as_pair(size))})
         report.fit = {"budget_bytes": budget,
                       "batch_size": largest_batch(spec, budget, report.dtype, report.grad_checkpointing, cache)}
+        if report.fit["batch_size"] == 0:  # not a batch size: say so rather than print 0 quietly
+            click.echo(f"warning: {one_line(report.name)}: not even one image is predicted to fit in --fit "
+                       f"{human(budget)} (training at batch {report.batch_size} is predicted to need "
+                       f"{human(report.memory.get('train_peak_bytes'))})", err=True)
 
 
 @cli.command()
@@ -118,22 +124,20 @@ def compare(recipes, sweeps, baseline, plot, shard, measure, repeats, device, ma
             dtype, grad_checkpointing, fit, method, fmt, output, force, overrides) -> None:
     """Compare RECIPES (and sweeps over them): FLOPs, params, tokens, predicted memory and the change
     against a baseline; with --measure, time and peak memory of real runs."""
-    from ..analysis.compare import expand, merge as merge_parts, parse_sweep, rows, run
-    from ..fileio import check_writable
+    from ..analysis.compare import expand, expand_shard, parse_sweep, rows, run
     from .output import resolve_format
 
     fmt = resolve_format(fmt, output)
-    for path in (output, plot):
-        if path is not None:
-            check_writable(path, force)
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise VitlabError(f"--plot writes a PNG; give a .png file name, not {plot.name}")
-    if output is not None and plot is not None and output.resolve() == plot.resolve():
-        raise VitlabError("--output and --plot name the same file")
+    _check_outputs(output, plot, measure, force)
     if merge:
         if sweeps or shard or measure or overrides:
             raise VitlabError("--merge joins finished outputs; it takes no --sweep, --shard, --measure or --set")
-        reports, parts_baseline = merge_parts([_read_part(p) for p in recipes])
+        from ..analysis.report import Report
+        from ..analysis.shards import join
+
+        joined, parts_baseline = join(recipes)  # every shard checked as untrusted data first
+        reports = [Report.from_dict(data) for data in joined]
+        _check_outputs(output, plot, any(r.measured for r in reports), force)  # before anything is written
         names = [r.name for r in reports]
         if baseline is not None and baseline not in names:
             raise VitlabError(unknown_choice("baseline", baseline, dict.fromkeys(names), label="variants"))
@@ -141,18 +145,21 @@ def compare(recipes, sweeps, baseline, plot, shard, measure, repeats, device, ma
         _emit(table, reports, fmt, output, force, plot)
         return
     budget = _fit_budget(fit)
-    variants = expand(recipes, [parse_sweep(s) for s in sweeps], list(overrides))
     size = _img_size(img_size)
-    names = [v.name for v in variants]
-    if baseline is not None and baseline not in names:  # before counting anything
-        raise VitlabError(unknown_choice("baseline", baseline, dict.fromkeys(names), label="variants"))
-    baseline = baseline or names[0]
     extra = []
-    if shard is not None:
+    if shard is not None:  # only this shard's variants and the baseline are expanded and validated
         index, count = _parse_shard(shard)
-        mine = variants[index::count]
-        extra = [v for v in variants if v.name == baseline and v not in mine][:1]
-        variants = extra + mine  # the baseline first, only for the changes when not our own
+        variants, base = expand_shard(recipes, [parse_sweep(s) for s in sweeps], list(overrides), index, count,
+                                      baseline)
+        baseline = base.name
+        extra = [] if any(v.name == base.name for v in variants) else [base]
+        variants = extra + variants  # the baseline first, only for the changes when not our own
+    else:
+        variants = expand(recipes, [parse_sweep(s) for s in sweeps], list(overrides))
+        names = [v.name for v in variants]
+        if baseline is not None and baseline not in names:  # before counting anything
+            raise VitlabError(unknown_choice("baseline", baseline, dict.fromkeys(names), label="variants"))
+        baseline = baseline or names[0]
     from ..analysis.pieces import PieceCache
 
     cache = PieceCache() if method != "full" else None  # each distinct piece counted once for all variants
@@ -168,18 +175,23 @@ def compare(recipes, sweeps, baseline, plot, shard, measure, repeats, device, ma
     _emit(table, reports, fmt, output, force, plot)
 
 
-def _read_part(path: str) -> list[dict]:
-    import json
+def _check_outputs(output: Path | None, plot: Path | None, measured: bool, force: bool) -> None:
+    """Every file a comparison writes, checked before any work: with measurements the plot has a
+    second picture beside it, NAME.cost.png, which must not be an existing file or the output."""
+    from ..fileio import check_writable
 
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise VitlabError(f"--merge: cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError:
-        raise VitlabError(f"--merge: {path} is not JSON; give outputs of 'vitlab compare --format json'") from None
-    if not isinstance(data, list) or not all(isinstance(r, dict) and "name" in r and "flops" in r for r in data):
-        raise VitlabError(f"--merge: {path} is not a 'vitlab compare --format json' output (a list of variant objects)")
-    return data
+    cost = plot.with_suffix(".cost.png") if plot is not None and measured else None
+    outputs = {"--output": output, "--plot": plot, "the cost plot": cost}
+    for path in outputs.values():
+        if path is not None:
+            check_writable(path, force)
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise VitlabError(f"--plot writes a PNG; give a .png file name, not {path_label(plot)}")
+    named = [(what, path.resolve()) for what, path in outputs.items() if path is not None]
+    for i, (what, path) in enumerate(named):
+        for other, other_path in named[i + 1:]:
+            if path == other_path:
+                raise VitlabError(f"{what} and {other} name the same file ({path_label(path)})")
 
 
 def _emit(table, reports, fmt, output, force, plot) -> None:
@@ -217,8 +229,9 @@ def _measure(variants, reports, size, batch_size, dtype, device, repeats, max_me
         v, r = pair
         spec = v.spec if size is None else load_spec(v.spec, overrides={"img_size": list(as_pair(size))})
         r.measured = measure_spec(spec, batch_size, device=device, dtype=dtype, repeats=repeats)
-        if "note" in r.measured:
-            click.echo(f"warning: {v.name}: {r.measured['note']}", err=True)
+        for key in ("note", "warning"):  # a halved batch; timings too noisy to trust
+            if key in r.measured:
+                click.echo(f"warning: {one_line(v.name)}: {one_line(r.measured[key])}", err=True)
         return r
 
     pairs = list(zip(variants, reports))
@@ -226,8 +239,12 @@ def _measure(variants, reports, size, batch_size, dtype, device, repeats, max_me
 
 
 def _check_device(device: str) -> None:
+    """A device measurements can run on (not ``meta``), and one this machine has."""
     import torch
 
+    from ..measure import check_device
+
+    check_device(device)
     try:
         torch.empty(0, device=torch.device(device))
     except (RuntimeError, AssertionError) as exc:

@@ -32,19 +32,27 @@ def _floats3(text: str | None, option: str, positive: bool = False):
 MAX_RESIZE = 2**16
 
 
+def _check_seed(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """A seed torch takes; the range is said in words, not as 19 digits in ``--help``."""
+    if not 0 <= value < 2**63:
+        raise click.BadParameter(f"expected an integer from 0 to 2**63 - 1, got {value}")
+    return value
+
+
 def _build(spec, weights: Path | None, seed: int):
     """The recipe's model with its weights: a vitlab checkpoint (its spec must equal the
     recipe's), a timm checkpoint, or a fresh initialisation. Returns (model, where from)."""
     from .. import checkpoint
-    from ..model import build_model
+    from ..recipes import build_model
 
     from ..analysis.pieces import check_inference_fits
 
     check_inference_fits(spec, 1)  # one image: refuse a model that cannot fit before allocating it
     if weights is None:
         return build_model(spec, seed=seed), f"random init, seed {seed}"
-    if not weights.is_file():
-        raise VitlabError(f"weights file not found: {path_label(weights)}")
+    from ..fileio import check_input
+
+    check_input(weights, "weights file")
     if checkpoint.is_vitlab_checkpoint(weights):
         saved = checkpoint.read_spec(weights)  # the header only: refuse before reading tensors
         if saved != spec:
@@ -70,8 +78,8 @@ def _build(spec, weights: Path | None, seed: int):
 @click.option("--crop-pct", type=float, default=0.875, show_default=True, help="Resize the shorter side to size / crop_pct, then centre-crop.")
 @click.option("--mean", "mean_text", default=None, help="Normalisation mean R,G,B (default ImageNet).")
 @click.option("--std", "std_text", default=None, help="Normalisation std R,G,B (default ImageNet).")
-@click.option("--seed", type=click.IntRange(-(2**63), 2**64 - 1), default=0, show_default=True,
-              help="Initialisation seed when no --weights are given.")  # the range torch.manual_seed takes
+@click.option("--seed", type=int, default=0, show_default=True, metavar="N", callback=_check_seed,
+              help="Initialisation seed when no --weights are given (an integer from 0).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @set_option

@@ -5,8 +5,8 @@ import json
 
 import click
 
-from ..analysis.memory import MAX_BATCH
-from ..errors import VitlabError
+from ..limits import MAX_BATCH
+from ..errors import VitlabError, one_line
 from . import cli, set_option
 
 
@@ -30,11 +30,14 @@ def bench(recipe, overrides, batch_size, train, use_compile, device, iters, as_j
 
     from ..analysis import analyze
     from ..bench import bench_model
-    from ..model import build_model
+    from ..recipes import build_model
     from ..recipes import load_spec
 
     spec = load_spec(recipe, overrides=list(overrides))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..measure import check_device
+
+    check_device(device)  # meta computes nothing: there is no time to report
     try:
         torch_device = torch.device(device)
         torch.empty(0, device=torch_device)
@@ -55,10 +58,12 @@ def bench(recipe, overrides, batch_size, train, use_compile, device, iters, as_j
             click.echo(json.dumps(out, indent=2))
             return
         m = measured
-        click.echo(f"{spec.name} on {m['device']} at batch {m['batch_size']}: inference {m['infer_ms']:.1f} ms "
+        click.echo(f"{one_line(spec.name)} on {m['device']} at batch {m['batch_size']}: inference {m['infer_ms']:.1f} ms "
                    f"({m['infer_peak_bytes'] / 2**20:.1f} MiB peak), training step {m['train_step_ms']:.1f} ms "
                    f"({m['train_peak_bytes'] / 2**20:.1f} MiB peak; predicted "
                    f"{predicted.memory['train_peak_bytes'] / 2**20:.1f} MiB)" + (f"; {m['note']}" if "note" in m else ""))
+        if "warning" in m:
+            click.echo(f"warning: {one_line(spec.name)}: {m['warning']}", err=True)
         return
     macs = predicted.flops // batch_size
     model = build_model(spec, device=torch_device, seed=0)
@@ -67,7 +72,7 @@ def bench(recipe, overrides, batch_size, train, use_compile, device, iters, as_j
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
     click.echo(
-        f"{r.name}: {r.mode} batch {r.batch_size}{' compiled' if r.compiled else ''} on {r.device}: "
+        f"{one_line(r.name)}: {r.mode} batch {r.batch_size}{' compiled' if r.compiled else ''} on {r.device}: "
         f"{r.images_per_s:.1f} images/s, {r.achieved_gmacs:.1f} GMAC/s achieved, "
         f"matmul {r.matmul_gmacs:.1f} GMAC/s, efficiency {r.efficiency:.2f}"
     )

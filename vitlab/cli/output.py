@@ -11,9 +11,17 @@ from typing import Any, Sequence
 
 import click
 
-from ..errors import VitlabError, path_label
+from ..errors import VitlabError, one_line, path_label
 
 FORMATS = ("table", "json", "csv", "md")
+MAX_CELL = 200  # characters of a name drawn in a table: a 100 MB variant name would hang the renderer
+
+
+def shown(value: Any) -> str:
+    """``value`` as a table or message shows it: one line, control characters escaped, at most
+    ``MAX_CELL`` characters (JSON output keeps the whole value)."""
+    text = one_line(str(value)[: 4 * MAX_CELL])
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "md", ".markdown": "md", ".txt": "table"}
 
 
@@ -76,7 +84,7 @@ def unsupported_warning(reports) -> str | None:
     if not bad:
         return None
     ops = sorted({op for r in bad for op in r.unsupported})
-    names = ", ".join(r.name for r in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    names = ", ".join(shown(r.name) for r in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     return (f"WARNING: unsupported operators counted as 0 FLOPs ({', '.join(ops)}) in {names}: "
             "their FLOPs and changes are too low (! in the table)")
 
@@ -97,7 +105,7 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+        writer.writerow({k: ("" if v is None else one_line(v) if isinstance(v, str) else v) for k, v in r.items()})
     return buf.getvalue()
 
 
@@ -106,7 +114,7 @@ def to_markdown(header: Sequence[str], rows: Sequence[Sequence[Any]], align: Seq
     align = align or ["l"] + ["r"] * (len(header) - 1)
 
     def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|")
+        return shown(v).replace("|", "\\|")  # a name stays in its cell, on its line
 
     lines = ["| " + " | ".join(cell(h) for h in header) + " |",
              "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
@@ -197,11 +205,11 @@ def report_tables(report) -> list:
     from rich.table import Table
     from rich.text import Text
 
-    summary = Table(title=Text(report.name), show_header=False, title_justify="left")
+    summary = Table(title=Text(shown(report.name)), show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column(overflow="fold")
     for k, v in _summary_pairs(report):
-        summary.add_row(Text(k), Text(v))
+        summary.add_row(Text(shown(k)), Text(one_line(v)))  # our own figures, whole
     kinds = Table(title="FLOPs by component kind", title_justify="left")
     kinds.add_column("kind")
     kinds.add_column("GFLOPs", justify="right")
@@ -217,7 +225,7 @@ def report_tables(report) -> list:
 
 
 def report_markdown(report) -> str:
-    head = f"### {report.name}\n\n"
+    head = f"### {shown(report.name)}\n\n"
     summary = to_markdown(["quantity", "value"], _summary_pairs(report), ["l", "l"])
     kinds = to_markdown(["kind", "GFLOPs", "share"], _kind_rows(report))
     free = to_markdown(["operator", "calls", "why it counts 0"], free_op_rows(report), ["l", "r", "l"]) if report.free_ops else ""
@@ -245,6 +253,14 @@ def _flat(row: dict[str, Any], report) -> dict[str, Any]:
     return flat
 
 
+def _ms(measured: dict[str, Any], key: str) -> str:
+    """A median time with its spread: ``30.1 ±4%`` (slowest minus fastest run, % of the median)."""
+    ms, spread = measured.get(key), measured.get(f"{key}_spread")
+    if ms is None:
+        return "-"
+    return f"{ms:.1f}" + (f" ±{spread:.0f}%" if spread is not None else "")
+
+
 def emit_rows(rows: Sequence[dict[str, Any]], reports: Sequence, fmt: str, output: Path | None, force: bool) -> None:
     if fmt == "json":
         write(to_json(list(rows)), output, force)
@@ -253,7 +269,10 @@ def emit_rows(rows: Sequence[dict[str, Any]], reports: Sequence, fmt: str, outpu
         write(to_csv([_flat(r, rep) for r, rep in zip(rows, reports)]), output, force)
         return
     measured = any(rep.measured for rep in reports)
+    fit = next((rep.fit for rep in reports if rep.fit), None)
     header = ["variant", "GFLOPs", "params (M)", "tokens", "Δ FLOPs", "Δ params", "pred. train MiB"]
+    if fit:  # --fit: the largest training batch predicted to fit the budget
+        header.append(f"fit batch ({fit['budget_bytes'] / 2**30:g} GiB)")
     if measured:
         header += ["train ms", "img/s", "peak MiB", "infer ms"]
     body = []
@@ -261,21 +280,24 @@ def emit_rows(rows: Sequence[dict[str, Any]], reports: Sequence, fmt: str, outpu
         mark = (" *" if rep.derived else "") + (" !" if rep.unsupported else "")
         line = [rep.name + mark, giga(rep.flops), mega(rep.params), rep.tokens_text(), pct(r["d_flops_%"]),
                 pct(r["d_params_%"]), mib(rep.memory.get("train_peak_bytes"))]
+        if fit:
+            line.append("-" if not rep.fit else str(rep.fit["batch_size"]))
         if measured:
             m = rep.measured or {}
             ms = m.get("train_step_ms")
-            line += ["-" if ms is None else f"{ms:.1f}", "-" if not ms else f"{1000 * m['batch_size'] / ms:.1f}",
-                     mib(m.get("train_peak_bytes")), "-" if m.get("infer_ms") is None else f"{m['infer_ms']:.1f}"]
+            line += [_ms(m, "train_step_ms"), "-" if not ms else f"{1000 * m['batch_size'] / ms:.1f}",
+                     mib(m.get("train_peak_bytes")), _ms(m, "infer_ms")]
             if m.get("halved_from"):
                 line[0] += f" (batch {m['batch_size']}, halved)"
         body.append(line)
-    base = rows[0]["baseline"] if rows else ""
+    base = shown(rows[0]["baseline"]) if rows else ""
     dtype = reports[0].dtype if reports else "fp32"
     foot = (f"Δ against {base}; FLOPs in fvcore's convention (1 per multiply-add); memory predicted for "
             f"AdamW training in {dtype}")
     if measured:
         m = next(rep.measured for rep in reports if rep.measured)
-        foot += f"; measured: median training step (forward, backward, AdamW) on {m['device']}, peak above the baseline"
+        foot += (f"; measured: median training step (forward, backward, AdamW) on {m['device']} ±spread of the runs, "
+                 "peak above the baseline")
     if any(rep.derived for rep in reports):
         foot += "; * derived from distinct blocks"
     warning = unsupported_warning(reports)
@@ -283,14 +305,24 @@ def emit_rows(rows: Sequence[dict[str, Any]], reports: Sequence, fmt: str, outpu
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="vitlab compare", title_justify="left", caption=Text(caption), caption_justify="left")
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
-    for line in body:
-        table.add_row(*(Text(str(v)) for v in line))
+    def table(title: str, columns: list[int], caption: str | None):
+        t = Table(title=title, title_justify="left", caption=Text(caption) if caption else None, caption_justify="left")
+        for i in columns:
+            t.add_column(header[i], justify="left" if i == 0 else "right", overflow="fold")
+        for line in body:
+            t.add_row(*(Text(shown(line[i])) for i in columns))
+        return t
+
+    everything = list(range(len(header)))
+    tables = [table("vitlab compare", everything, caption)]
+    split = len(header) - 4 if measured else len(header)  # the measured columns are the last four
+    if measured and output is None and console().width < 24 * len(header) // 2:
+        # a narrow terminal (80 columns) squashed 11 columns into 4 characters each: two tables
+        tables = [table("vitlab compare: counts and prediction", list(range(split)), None),
+                  table("vitlab compare: measured", [0, *range(split, len(header))], caption)]
     if fmt == "md":
         write((f"> **{warning}**\n\n" if warning else "") + to_markdown(header, body) + f"\n{foot}\n", output, force)
         if output is not None:  # the file is for keeping; the terminal still gets the table
-            render(table)
+            render(*tables)
         return
-    render(table, output=output, force=force)
+    render(*tables, output=output, force=force)

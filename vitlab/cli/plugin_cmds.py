@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..component import KINDS
+from ..kinds import KINDS
 from ..errors import VitlabError, path_label
 from . import cli
 from .output import console as _console
@@ -98,9 +98,10 @@ def plugins_cmd(as_json: bool) -> None:
 def new_plugin(name: str, kind: str, output: Path | None) -> None:
     """Scaffold a plugin package (distribution vitlab-NAME) providing a KIND named NAME: entry
     point, component skeleton with Params, a recipe and a test that pass as generated."""
+    from ..plugins import load_registry
     from ..scaffold import PluginNames, scaffold
 
-    written = scaffold(name, kind, output)
+    written = scaffold(name, kind, output, registry=load_registry())
     n = PluginNames.of(name, kind)
     root = output if output is not None else Path(name)
     click.echo(f"created {n.dist} in {path_label(root)}/ ({kind} '{n.component}', entry point {n.entry_point} = {n.module})")
@@ -119,11 +120,12 @@ def schema_cmd(output: Path | None, force: bool) -> None:
     """JSON Schema (draft 2020-12) of the recipe format with every installed component's params,
     selected by name, for editors that complete YAML."""
     from ..fileio import atomic_write, check_output
+    from ..plugins import load_registry
     from ..schema import recipe_schema
 
     if output is not None:
         check_output(output, force)  # a bad output path fails before the schema (every plugin) is built
-    text = json.dumps(recipe_schema(), indent=2) + "\n"
+    text = json.dumps(recipe_schema(load_registry()), indent=2) + "\n"
     if output is None:
         click.echo(text, nl=False)
         return

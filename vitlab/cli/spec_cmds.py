@@ -6,43 +6,65 @@ import sys
 
 import click
 
-from ..component import KINDS
-from ..errors import SpecError, VitlabError, unknown_choice
+from ..kinds import KINDS
+from ..errors import SpecError, VitlabError, one_line, path_label, unknown_choice
 from . import cli, set_option
-from ..analysis.memory import MAX_BATCH
+from ..limits import MAX_BATCH
 from .output import console
 
 
+def _defaults(info) -> dict:
+    """Each param's default as JSON data (a default factory called), ``"<required>"`` for one without."""
+    out = {}
+    for key, field in info.cls.Params.model_fields.items():
+        if field.is_required():
+            out[key] = "<required>"
+        else:
+            value = field.get_default(call_default_factory=True)
+            out[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return out
+
+
 def _params_summary(info) -> str:
-    """``qkv_bias=True qk_norm=False ...``: each param with its default."""
-    fields = info.cls.Params.model_fields
-    return " ".join(f"{k}={v.default!r}" if not v.is_required() else f"{k}=<required>" for k, v in fields.items())
+    """``qkv_bias=True qk_norm=False ...``: each param with its default (a nested selection by name)."""
+    def short(v):
+        return f"{{name: {v['name']}, ...}}" if isinstance(v, dict) and "name" in v else repr(v)
+
+    return " ".join(f"{k}={v}" if v == "<required>" else f"{k}={short(v)}" for k, v in _defaults(info).items())
 
 
 @cli.command()
 @click.argument("kind", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON with each component's params schema.")
 def components(kind: str | None, as_json: bool) -> None:
-    """List registered components (optionally of one KIND), their providers and params."""
-    from ..plugins import get_registry
+    """List registered components (optionally of one KIND), their providers and params. A name two
+    plugins register is listed as ambiguous, with both providers (neither is usable until one is
+    disabled)."""
+    from ..plugins import load_registry
 
     if kind is not None and kind not in KINDS:
         raise SpecError(unknown_choice("kind", kind, KINDS))
-    infos = get_registry().components(kind)
+    registry = load_registry()
+    rows = [(i, [i.provider], False) for i in registry.components(kind)]
+    rows += [(infos[0], [i.provider for i in infos], True) for (k, _), infos in sorted(registry.ambiguous().items())
+             if kind is None or k == kind]
     if as_json:
         click.echo(json.dumps([
-            {"kind": i.kind, "name": i.name, "provider": i.provider, "description": i.description,
-             "params": i.default_params(), "schema": i.params_schema()}
-            for i in infos
+            {"kind": i.kind, "name": i.name, "provider": " and ".join(providers), "providers": providers,
+             "ambiguous": ambiguous, "description": i.description, "params": _defaults(i),
+             "schema": i.params_schema()}
+            for i, providers, ambiguous in rows
         ], indent=2))
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="vitlab components", show_lines=False)
     for col in ("kind", "name", "provider", "params (defaults)", "description"):
         table.add_column(col, overflow="fold")
-    for i in infos:
-        table.add_row(i.kind, i.name, i.provider, _params_summary(i), i.description)
+    for i, providers, ambiguous in rows:
+        provider = f"ambiguous: {' and '.join(providers)}" if ambiguous else providers[0]
+        table.add_row(Text(i.kind), Text(i.name), Text(provider), Text(_params_summary(i)), Text(i.description))
     console().print(table)
 
 
@@ -64,7 +86,7 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
         except VitlabError as exc:
             problems.extend(exc.lines())
         else:
-            click.echo(f"ok: {recipe} ({spec.name})")
+            click.echo(f"ok: {path_label(recipe)} ({one_line(spec.name)})")
     if problems:
         for line in problems:
             click.echo(f"error: {line}", err=True)
@@ -83,13 +105,29 @@ def show(recipe: str, overrides: tuple[str, ...]) -> None:
     spec = _load(recipe, overrides)
     click.echo(dump_spec(spec), nl=False)
     if spec.layers or spec.stages:
-        from ..plugins import get_registry
-
-        registry = get_registry()
+        registry = spec.registry
         lines = describe_blocks(spec.block_plans(), lambda kind, name: registry.get(kind, name).default_params())
         click.echo("# layout:")
         for line in lines:
             click.echo(f"# {line}")
+
+
+def _block_rows(plans, seen: dict[int, tuple]) -> list[tuple[str, str]]:
+    """One row per run of consecutive blocks of a stage that received the same tokens and grid
+    (a token-merging block starts a new run): ``blocks 1-3: (2, 181, 192), merged (no grid), 3 heads``."""
+    rows = []
+    for p in plans:
+        runs: list[list] = []  # [first, last, (shape, grid)]
+        for i in range(p.start, p.start + p.depth):
+            if runs and runs[-1][2] == seen.get(i):
+                runs[-1][1] = i
+            else:
+                runs.append([i, i, seen.get(i)])
+        for first, last, (shape, grid) in runs:
+            span = f"{first}" if first == last else f"{first}-{last}"
+            where = "merged (no grid)" if grid is None else f"on a {grid[0]}x{grid[1]} grid"
+            rows.append((f"stage {p.index}", f"blocks {span}: {shape} {where}, {p.num_heads} heads"))
+    return rows
 
 
 @cli.command()
@@ -102,7 +140,7 @@ def build(recipe: str, overrides: tuple[str, ...], batch_size: int, device: str)
     """Build RECIPE and report parameters, tokens and the shapes through the model."""
     import torch
 
-    from ..model import build_model
+    from ..recipes import build_model
 
     spec = _load(recipe, overrides)
     try:
@@ -119,15 +157,15 @@ def build(recipe: str, overrides: tuple[str, ...], batch_size: int, device: str)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     h, w = spec.img_hw
     images = torch.zeros(batch_size, spec.in_chans, h, w, device=torch_device)
-    stage_shapes: dict[int, tuple] = {}
+    seen: dict[int, tuple] = {}  # block -> (tokens in (B, N, D), grid or None): what the forward really ran
 
-    def keep(stage):
+    def keep(index):
         def hook(module, args):  # returns None: a pre-hook's return value would replace the inputs
-            stage_shapes.setdefault(stage, tuple(args[0].shape))
+            seen.setdefault(index, (tuple(args[0].shape), args[1].grid))
         return hook
 
     plans = spec.stage_plans()
-    hooks = [model.blocks[p.start].register_forward_pre_hook(keep(p.index)) for p in plans if p.depth]
+    hooks = [b.register_forward_pre_hook(keep(i)) for i, b in enumerate(model.blocks)]
     try:
         with torch.no_grad():
             tokens = model.forward_features(images)
@@ -137,8 +175,9 @@ def build(recipe: str, overrides: tuple[str, ...], batch_size: int, device: str)
             h.remove()
 
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{spec.name}  ({recipe})", show_header=False)
+    table = Table(title=Text(f"{one_line(spec.name)}  ({path_label(recipe)})"), show_header=False)
     table.add_column(style="bold")
     table.add_column()
     rows = [
@@ -149,9 +188,7 @@ def build(recipe: str, overrides: tuple[str, ...], batch_size: int, device: str)
         ("tokens", f"{ctx.num_tokens} ({ctx.num_prefix_tokens} prefix + {ctx.num_patches} patches)"),
         ("components", ", ".join(f"{k}={spec.selection(k).name}" for k in KINDS)),
         ("input", str(tuple(images.shape))),
-        *[(f"stage {p.index}", f"blocks {p.start}-{p.start + p.depth - 1}: {stage_shapes.get(p.index)} on a "
-           f"{c.grid_size[0]}x{c.grid_size[1]} grid, {p.num_heads} heads")
-          for p, c in zip(plans, spec.stage_contexts())],
+        *_block_rows(plans, seen),
         ("forward_features", str(tuple(tokens.shape))),
         ("output", str(tuple(out.shape))),
         ("device", f"{torch_device}" + (" (no memory allocated; shapes only)" if torch_device.type == "meta" else "")),

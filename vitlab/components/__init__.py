@@ -1,7 +1,8 @@
 """vitlab's built-in components, registered through the same hook as any external plugin."""
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
+from ..hookspecs import VITLAB_API, hookimpl
+from .flops import EXTRA_ACTIVATION_HANDLES, EXTRA_FLOP_HANDLES, FREE_OPS
 from . import (
     attention, block, distilled, map_pool, mlp, norm, patch_embed, pool, pos_embed, relpos, rope, subln, transition,
     window,
@@ -14,6 +15,8 @@ from . import convit  # ConViT
 from . import hybrid  # hybrid CNN stems (timm's HybridEmbed)
 from . import diff_attention  # differential attention (timm DiffAttention)
 from . import glu, pixel_norm, qkv_norm, sandwich, vlm_pool, vlm_pos  # VLM towers: Qwen3-VL, Gemma 4, DeepSeek
+
+vitlab_api = VITLAB_API  # the built-ins are a plugin like any other
 
 MODULES = (patch_embed, pos_embed, rope, attention, subln, relpos, mlp, norm, block, pool, map_pool, distilled,
            transition, window, class_attention, talking_heads, xcit_stem, fourier, xcit, naflex, sam, convit,
@@ -31,10 +34,8 @@ def vitlab_register_components(register) -> None:
 @hookimpl
 def vitlab_flop_handles(register) -> None:
     """The operators built-ins emit that plain fvcore does not count (fused attention, RMSNorm,
-    bicubic resampling) and those that are free by convention; see ``vitlab.analysis.handles``."""
-    from ..analysis import handles
-
-    for op, flops in handles.EXTRA_FLOP_HANDLES.items():
-        register(op, flops=flops, activations=handles.EXTRA_ACTIVATION_HANDLES.get(op))
-    for op, reason in handles.FREE_OPS.items():
+    bicubic resampling) and those that are free by convention; see ``vitlab.components.flops``."""
+    for op, flops in EXTRA_FLOP_HANDLES.items():
+        register(op, flops=flops, activations=EXTRA_ACTIVATION_HANDLES.get(op))
+    for op, reason in FREE_OPS.items():
         register(op, free=reason)

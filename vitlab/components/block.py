@@ -17,7 +17,7 @@ from ..context import BuildContext
 from ..layers import drop_path, layer_scale
 
 
-class _TwoBranchBlock(Block):
+class TwoBranchBlock(Block):
     """Builds norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2 (timm's names)."""
 
     class Params(Block.Params):
@@ -37,12 +37,12 @@ class _TwoBranchBlock(Block):
         self.drop_path2 = drop_path(ctx.drop_path)
 
 
-class PreNormBlock(_TwoBranchBlock):
+class PreNormBlock(TwoBranchBlock):
     """Pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)) (ViT, timm ``Block``)."""
 
     name = "prenorm"
 
-    class Params(_TwoBranchBlock.Params):
+    class Params(TwoBranchBlock.Params):
         attn_only_layer_scale: StrictBool = Field(
             False, description="layer scale on the attention branch only (Sapiens2; timm Eva's attn_only_layer_scale)")
 
@@ -57,7 +57,7 @@ class PreNormBlock(_TwoBranchBlock):
         return x
 
 
-class PostNormBlock(_TwoBranchBlock):
+class PostNormBlock(TwoBranchBlock):
     """Post-norm: norm1(x + attn(x)), then norm2(x + mlp(x)) (the original Transformer)."""
 
     name = "postnorm"
@@ -68,7 +68,7 @@ class PostNormBlock(_TwoBranchBlock):
         return x
 
 
-class ResPostNormBlock(_TwoBranchBlock):
+class ResPostNormBlock(TwoBranchBlock):
     """Res-post-norm: x + norm1(attn(x)), then x + norm2(mlp(x)) (Swin V2, timm ``ResPostBlock``)."""
 
     name = "respostnorm"
@@ -79,12 +79,12 @@ class ResPostNormBlock(_TwoBranchBlock):
         return x
 
 
-class ParallelBlock(_TwoBranchBlock):
+class ParallelBlock(TwoBranchBlock):
     """Parallel: x + attn(norm(x)) + mlp(norm(x)) with one shared norm (ViT-22B, GPT-J)."""
 
     name = "parallel"
 
-    class Params(_TwoBranchBlock.Params):
+    class Params(TwoBranchBlock.Params):
         shared_norm: StrictBool = True  # false: separate norm1 / norm2 for the two branches
 
     def __init__(self, ctx: BuildContext, params: Params):

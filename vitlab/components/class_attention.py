@@ -35,7 +35,7 @@ from ..component import Attention, Transition
 from ..context import BuildContext
 from ..layers import Linear
 from ..state import ForwardState
-from .block import _TwoBranchBlock
+from .block import TwoBranchBlock
 
 
 class ClassAttention(Attention):
@@ -113,14 +113,14 @@ class ClassToken(Transition):
         return x, state.regrid(state.grid, num_tokens=state.num_tokens + 1, num_prefix=state.num_prefix + 1)
 
 
-class CaitClassBlock(_TwoBranchBlock):
+class CaitClassBlock(TwoBranchBlock):
     """CaiT's class-attention block: only the class token is updated, by the (class) attention
     over all tokens and then the MLP; the other tokens pass through (timm ``LayerScaleBlockClassAttn``)."""
 
     name = "cait_class"
 
     @classmethod
-    def check(cls, ctx: BuildContext, params: _TwoBranchBlock.Params) -> None:
+    def check(cls, ctx: BuildContext, params: TwoBranchBlock.Params) -> None:
         ClassAttention.check(ctx, params)
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:

@@ -80,8 +80,7 @@ class GatedPositionalAttention(Attention):
         w.mul_(strength)
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        if state.grid is None:
-            raise ValueError(f"attention '{self.name}' needs tokens on a patch grid (positional attention)")
+        state.require_grid(f"attention '{self.name}' (block {state.block_index}, positional attention)")
         B, T, D = x.shape
         P, h, hd = state.num_prefix, self.num_heads, self.head_dim
         q, k = self.qk(x).reshape(B, T, 2, h, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, T, hd) each

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..component import PosEncoding
 from ..context import BuildContext
-from ..selection import Size2, as_pair
+from ..sizes import Size2, as_pair
 from ..state import ForwardState
 from .patch_embed import LinearPatchEmbed
 

@@ -129,9 +129,8 @@ class PositionGenerator(PosEncoding):
     def after_block(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         if state.block_index != self.at_block:
             return x
-        if state.grid is None:
-            raise ValueError("the position generator needs tokens on a patch grid")
-        P, (gh, gw) = state.num_prefix, state.grid
+        gh, gw = state.require_grid(f"pos_embed '{self.name}' (after block {state.block_index})")
+        P = state.num_prefix
         B, _, D = x.shape
         grid = x[:, P:].transpose(1, 2).reshape(B, D, gh, gw)  # (B, D, gh, gw)
         patches = (self.proj(grid) + grid).flatten(2).transpose(1, 2)  # (B, N, D)

@@ -61,7 +61,7 @@ def table_rows(grid: tuple[int, int], num_prefix: int) -> int:
     return (2 * grid[0] - 1) * (2 * grid[1] - 1) + (3 if num_prefix else 0)
 
 
-def _plus_shared(own: torch.Tensor, state: ForwardState) -> torch.Tensor:
+def plus_shared_bias(own: torch.Tensor, state: ForwardState) -> torch.Tensor:
     """A layer's own bias plus the position encoding's shared one, when there is one."""
     return own if state.attn_bias is None else own + state.attn_bias
 
@@ -92,14 +92,15 @@ class RelPosAttention(MultiHeadSelfAttention):
 
     def bias(self, state: ForwardState) -> torch.Tensor:
         """This block's table at ``state``'s grid, (1, heads, P + N, P + N), plus the state's shared bias."""
-        if state.grid is None or tuple(state.grid) != self.grid or state.num_prefix != self.num_prefix:
-            got = "merged tokens" if state.grid is None else f"grid {state.grid[0]}x{state.grid[1]}"
+        grid = state.require_grid(f"attention '{self.name}' (block {state.block_index}, a relative position table)")
+        if tuple(grid) != self.grid or state.num_prefix != self.num_prefix:
+            got = f"grid {grid[0]}x{grid[1]}"
             raise ValueError(f"attention '{self.name}' has a relative position table for the "
                              f"{self.grid[0]}x{self.grid[1]} patch grid with {self.num_prefix} prefix token(s), "
                              f"got {got} with {state.num_prefix}: build the model at this image size")
         n = self.relative_position_index.shape[0]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)  # (N, N, heads)
-        return _plus_shared(bias.permute(2, 0, 1).unsqueeze(0), state)  # (1, heads, N, N)
+        return plus_shared_bias(bias.permute(2, 0, 1).unsqueeze(0), state)  # (1, heads, N, N)
 
 
 class LogCoordBias(nn.Module):
@@ -148,9 +149,8 @@ class RelPosMlpAttention(MultiHeadSelfAttention):
 
     def bias(self, state: ForwardState) -> torch.Tensor:
         """This block's MLP bias at ``state``'s grid plus the state's shared bias."""
-        if state.grid is None:
-            raise ValueError(f"attention '{self.name}' needs tokens on a patch grid (a relative position bias)")
-        return _plus_shared(self.rel_pos(state.grid, state.num_prefix), state)
+        state.require_grid(f"attention '{self.name}' (block {state.block_index}, a relative position bias)")
+        return plus_shared_bias(self.rel_pos(state.grid, state.num_prefix), state)
 
 
 class SharedRelPosMlp(PosEncoding):

@@ -74,7 +74,9 @@ def _mixed_init(bands: int, depth: int, heads: int, temperature: float) -> torch
     return torch.stack([fx, fy])
 
 
-def _rotate(x: torch.Tensor, half: bool) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor, half: bool) -> torch.Tensor:
+    """Each pair (a, b) of the last dim -> (-b, a): the pairs are the two halves (``half``, timm's
+    and HF's ``rotate_half``) or neighbouring elements (the interleaved layout)."""
     if half:  # (x1, x2) -> (-x2, x1) on the two halves
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([-x2, x1], dim=-1)
@@ -86,7 +88,7 @@ def _apply(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, half: bool) ->
     per head; the P prefix tokens keep their features."""
     P = x.shape[-2] - sin.shape[-2]
     t = x[..., P:, :]
-    t = (t * cos + _rotate(t, half) * sin).to(x.dtype)
+    t = (t * cos + rotate_pairs(t, half) * sin).to(x.dtype)
     return torch.cat([x[..., :P, :], t], dim=-2) if P else t
 
 

@@ -25,7 +25,7 @@ from ..layers import Linear
 from ..state import ForwardState
 from ..limits import LIMITS
 from .attention import MultiHeadSelfAttention
-from .relpos import _plus_shared
+from .relpos import plus_shared_bias
 from .window import WindowAttention
 
 
@@ -75,8 +75,7 @@ class DecomposedRelPosAttention(MultiHeadSelfAttention):
         _axis_tables(self, ctx.grid_size, ctx)  # another grid resamples them, as timm does
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        if state.grid is None:
-            raise ValueError(f"attention '{self.name}' needs tokens on a patch grid (a relative position bias)")
+        state.require_grid(f"attention '{self.name}' (block {state.block_index}, a relative position bias)")
         q, k, v = self.qkv_heads(x)  # (B, h, P + N, hd)
         P = state.num_prefix
         own = decomposed_bias(q[:, :, P:], self.rel_pos_h, self.rel_pos_w, state.grid)  # (B, h, N, N)
@@ -84,7 +83,7 @@ class DecomposedRelPosAttention(MultiHeadSelfAttention):
             own = F.pad(own, (P, 0, P, 0))
         q, k = state.transform_qk(q, k)
         drop = self.attn_drop if self.training else 0.0
-        return self.out(self.attend(q, k, v, dropout_p=drop, bias=_plus_shared(own, state)))
+        return self.out(self.attend(q, k, v, dropout_p=drop, bias=plus_shared_bias(own, state)))
 
 
 class DecomposedRelPosWindowAttention(WindowAttention):

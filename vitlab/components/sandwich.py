@@ -7,15 +7,15 @@ import torch
 
 from ..context import BuildContext
 from ..state import ForwardState
-from .block import _TwoBranchBlock
+from .block import TwoBranchBlock
 
 
-class SandwichBlock(_TwoBranchBlock):
+class SandwichBlock(TwoBranchBlock):
     """Sandwich norms: x + norm2(attn(norm1(x))), then x + norm4(mlp(norm3(x))) (Gemma 4)."""
 
     name = "sandwich"
 
-    def __init__(self, ctx: BuildContext, params: _TwoBranchBlock.Params):
+    def __init__(self, ctx: BuildContext, params: TwoBranchBlock.Params):
         super().__init__(ctx, params)
         self.norm3 = ctx.make("norm")
         self.norm4 = ctx.make("norm")

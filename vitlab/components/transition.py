@@ -21,10 +21,9 @@ from ..limits import LIMITS
 
 def _grid_tokens(x: torch.Tensor, state: ForwardState, who: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, P + gh * gw, D) -> prefix (B, P, D) and patches as an image (B, D, gh, gw)."""
-    if state.grid is None:
-        raise ValueError(f"transition '{who}' needs tokens on a patch grid; an earlier block merged them off it")
+    gh, gw = state.require_grid(f"transition '{who}' (stage {state.stage_index})")
     state.check_tokens(x, f"transition '{who}'")
-    P, (gh, gw) = state.num_prefix, state.grid
+    P = state.num_prefix
     prefix, patches = x[:, :P], x[:, P:]
     return prefix, patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
 

@@ -21,7 +21,7 @@ from ..component import PosEncoding
 from ..context import BuildContext
 from ..state import ForwardState, QKTransform
 from ..limits import LIMITS
-from .rope import RotaryPosEmbed, _rotate
+from .rope import RotaryPosEmbed, rotate_pairs
 
 
 def _check_rope(ctx: BuildContext) -> None:
@@ -148,7 +148,7 @@ class AxisRope(PosEncoding):
             P = x.shape[-2] - patches
             t = x[..., P:, :]
             t = t.reshape(*t.shape[:-1], 2, t.shape[-1] // 2)
-            t = (t * cos + _rotate(t, half) * sin).flatten(-2).to(x.dtype)
+            t = (t * cos + rotate_pairs(t, half) * sin).flatten(-2).to(x.dtype)
             return torch.cat([x[..., :P, :], t], dim=-2) if P else t
 
         return lambda q, k: (rope(q), rope(k))

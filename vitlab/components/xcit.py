@@ -23,7 +23,7 @@ from ..layers import ACTIVATIONS, drop_path, layer_scale
 from ..state import ForwardState
 from ..limits import LIMITS
 from .attention import QKVAttention
-from .block import _TwoBranchBlock
+from .block import TwoBranchBlock
 from .class_attention import ClassAttention
 from .mlp import Activation
 
@@ -83,12 +83,12 @@ class LocalPatchInteraction(nn.Module):
         return x.reshape(B, D, N).transpose(1, 2)  # (B, gh * gw, D)
 
 
-class XcitBlock(_TwoBranchBlock):
+class XcitBlock(TwoBranchBlock):
     """XCiT's block: x + attn(norm1 x), then x + LPI(norm3 x) on the patch grid, then x + mlp(norm2 x)."""
 
     name = "xcit"
 
-    class Params(_TwoBranchBlock.Params):
+    class Params(TwoBranchBlock.Params):
         init_values: Optional[float] = Field(1.0, gt=0.0, description="layer scale init of all three branches "
                                                                        "(timm's eta); null = no layer scale")
         lpi_kernel: int = Field(3, gt=0, le=LIMITS["img_size"], description="odd side of the two depthwise convolutions of the LPI")
@@ -108,8 +108,7 @@ class XcitBlock(_TwoBranchBlock):
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), state)))
-        if state.grid is None:
-            raise ValueError("the xcit block's local patch interaction needs tokens on a patch grid")
+        state.require_grid(f"the xcit block's local patch interaction (block {state.block_index})")
         # the LPI sees the patches only; prefix tokens pass unchanged (timm's blocks have none)
         P = state.num_prefix
         local = self.drop_path3(self.ls3(self.local_mp(self.norm3(x[:, P:]), state.grid)))  # (B, N, D)
@@ -117,12 +116,12 @@ class XcitBlock(_TwoBranchBlock):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class XcitClassBlock(_TwoBranchBlock):
+class XcitClassBlock(TwoBranchBlock):
     """XCiT's class-attention block: the class token attends and passes the MLP; the rest follow timm's residuals."""
 
     name = "xcit_class"
 
-    class Params(_TwoBranchBlock.Params):
+    class Params(TwoBranchBlock.Params):
         init_values: Optional[float] = Field(1.0, gt=0.0, description="layer scale init (timm's eta); null = none")
         tokens_norm: StrictBool = Field(False, description="norm2 over every token, not only the class token")
 

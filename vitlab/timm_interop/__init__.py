@@ -1,7 +1,7 @@
-"""timm interop: read a timm ``VisionTransformer`` (or PiT's ``PoolingVisionTransformer``, see
-``pit``) into a ``ViTSpec``, load timm weights into vitlab models (renaming, splitting fused
-projections, adapting prefix tokens, resampling position tables), and hand vitlab models back to
-timm.
+"""timm interop: read a timm model of any of the ``families`` (``VisionTransformer``, DeiT, Eva,
+BEiT, CaiT, XCiT, PiT, the VLM towers ...) into a ``ViTSpec``, load timm weights into vitlab models
+(renaming, splitting fused projections, adapting prefix tokens, resampling position tables), and
+hand vitlab models back to timm. Each family is one ``TimmFamily`` in ``families/``.
 
 timm is imported inside the functions only, so ``import vitlab`` stays light.
 """

@@ -1,19 +1,20 @@
 """One declarative bridge per timm family: how its state-dict keys are renamed and fused relative
-to timm's plain ``VisionTransformer`` layout (which ``weights`` loads and ``to_timm`` writes).
+to timm's plain ``VisionTransformer`` layout (which ``weights`` loads and ``export`` writes).
 
 A :class:`Family` is data: ``renames`` (timm template <-> vitlab template) and ``fused`` (one
 vitlab tensor <-> the timm tensors it concatenates). Import reads it forward (``adapt``: a
 checkpoint in the family's names becomes a source in ViT names); export reads the same entries
 inverted (``restore``: ViT names back to the family's). Templates use ``{block}`` for a block index
-and ``{rest}`` for the rest of a dotted name. The tables themselves, one per family, are in
-``families``; this module is how they are read.
+and ``{rest}`` for the rest of a dotted name; a staged timm model numbers its blocks per stage,
+``{stage}`` and ``{j}`` (its block j), which the model's stage depths turn into vitlab's ``{block}``.
+The tables themselves, one or more per family, are in ``families``; this module is how they are read.
 """
 from __future__ import annotations
 
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Container, Iterable, Mapping
+from typing import Callable, Container, Iterable, Mapping, Sequence
 
 import torch
 
@@ -21,18 +22,35 @@ from ..errors import WeightsError
 from .sources import Source
 
 ZERO = None  # a fused part timm does not store because it is always zero (EVA's key bias)
+_FIELDS = {"rest": r"(?P<rest>.+)", "stage": r"(?P<stage>\d+)", "j": r"(?P<j>\d+)", "block": r"(?P<block>\d+)"}
 
 
 @functools.lru_cache(maxsize=None)
 def _pattern(template: str) -> re.Pattern:
     out = re.escape(template)
-    out = out.replace(re.escape("{block}"), r"(?P<block>\d+)").replace(re.escape("{rest}"), r"(?P<rest>.+)")
+    for name, rx in _FIELDS.items():
+        out = out.replace(re.escape("{" + name + "}"), rx)
     return re.compile(out + "$")
 
 
-def _match(template: str, key: str) -> dict[str, str] | None:
+def _match(template: str, key: str, depths: Sequence[int] | None = None) -> dict[str, str] | None:
+    """The fields of ``key`` in ``template``; with stage ``depths``, ``{block}`` and ``{stage}`` /
+    ``{j}`` given each other (``None``: no such block, a ``{j}`` beyond its stage's depth)."""
     m = _pattern(template).match(key)
-    return None if m is None else m.groupdict()
+    if m is None:
+        return None
+    f = m.groupdict()
+    if depths is None or not ({"block", "j"} & set(f)):
+        return f
+    starts = [sum(depths[:s]) for s in range(len(depths))]
+    if "block" in f:
+        b = int(f["block"])
+        stage = next((s for s in range(len(depths)) if starts[s] <= b < starts[s] + depths[s]), None)
+        return None if stage is None else {**f, "stage": str(stage), "j": str(b - starts[stage])}
+    stage, j = int(f["stage"]), int(f["j"])
+    if stage >= len(depths) or j >= depths[stage]:
+        return None
+    return {**f, "block": str(starts[stage] + j)}
 
 
 @dataclass(frozen=True)
@@ -73,17 +91,17 @@ class Family:
 
     # --- forward: timm name -> vitlab name ----------------------------------------------------
 
-    def to_vitlab(self, key: str) -> str:
+    def to_vitlab(self, key: str, depths: Sequence[int] | None = None) -> str:
         for timm_t, vitlab_t in self.renames:
-            if (f := _match(timm_t, key)) is not None:
+            if (f := _match(timm_t, key, depths)) is not None:
                 return vitlab_t.format(**f)
         return key
 
-    def to_timm(self, key: str, into: Container[str] | None = None) -> str:
+    def to_timm(self, key: str, into: Container[str] | None = None, depths: Sequence[int] | None = None) -> str:
         """vitlab's ``key`` in timm's names: the first rename that matches (given ``into``, the
         target model's keys, the first whose timm name the target has)."""
         for timm_t, vitlab_t in self.renames:
-            if (f := _match(vitlab_t, key)) is not None and (into is None or timm_t.format(**f) in into):
+            if (f := _match(vitlab_t, key, depths)) is not None and (into is None or timm_t.format(**f) in into):
                 return timm_t.format(**f)
         return key
 
@@ -95,16 +113,17 @@ class Family:
         for key in src.keys():
             m = rx.match(key)
             names[f"blocks.{lead + int(m.group(1))}.{m.group(2)}" if m else key] = key
-        return Source({n: src.shape(k) for n, k in names.items()}, lambda n: src.get(names[n]), src.label,
-                      src.pos_layout)
+        return src.replaced({n: src.shape(k) for n, k in names.items()}, lambda n: src.get(names[n]))
 
-    def adapt(self, src: Source) -> Source:
-        """``src`` (this family's names) seen in ViT names: renamed, split tensors fused."""
+    def adapt(self, src: Source, depths: Sequence[int] | None = None) -> Source:
+        """``src`` (this family's names) seen in ViT names: renamed, split tensors fused.
+        ``depths``: the stage depths of the model it loads into (for ``{stage}`` / ``{j}``)."""
         if self.appended:
             src = self._append_blocks(src)
         shapes: dict[str, tuple[int, ...]] = {}
         getters: dict[str, Callable[[], torch.Tensor]] = {}
         consumed: set[str] = set()
+        converted: dict[str, str] = {}
         blocks = sorted({int(m.group(1)) for k in src.keys() if (m := re.search(r"blocks\.(\d+)\.", k))})
         for fuse in self.fused:
             for b in blocks:
@@ -130,18 +149,22 @@ class Family:
         for key in src.keys():
             if key in consumed:
                 continue
-            new = self.to_vitlab(key)
+            new = self.to_vitlab(key, depths)
             shapes[new] = src.shape(key)
             getters[new] = functools.partial(src.get, key)
-        return Source(shapes, lambda k: getters[k](), f"{src.label} ({self.name} names)", src.pos_layout)
+            if key in src.converted:
+                converted[new] = src.converted[key]
+        return src.replaced(shapes, lambda k: getters[k](), label=f"{src.label} ({self.name} names)",
+                            converted=converted)
 
     # --- inverted: vitlab name -> timm name ----------------------------------------------------
 
     def restore(self, sd: Mapping[str, torch.Tensor], lead: int | None = None, *,
                 into: Container[str] | Mapping[str, torch.Tensor] | None = None,
-                inert_zero: bool = False) -> dict[str, torch.Tensor]:
+                inert_zero: bool = False, depths: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """A state dict in ViT names back in this family's names (``adapt`` read backwards).
-        ``lead``: with ``appended``, the number of vitlab blocks that are timm's ``blocks``.
+        ``lead``: with ``appended``, the number of vitlab blocks that are timm's ``blocks``;
+        ``depths``: the model's stage depths (for ``{stage}`` / ``{j}``).
 
         ``into``: the target timm model's keys, for a family with more than one layout (EVA keeps
         q / k / v apart or fused): a tensor the target has under its own name stays whole, any
@@ -186,7 +209,7 @@ class Family:
                         continue
                     out[part.format(**f)] = chunk.contiguous()
         for key, tensor in rest.items():
-            out[self.to_timm(key, into)] = tensor
+            out[self.to_timm(key, into, depths)] = tensor
         if self.appended:
             out = {self._unappend(k, lead): v for k, v in out.items()}
         return out
@@ -204,14 +227,14 @@ class ImagePosFamily(Family):
     """A family whose position table is an image (1, gh, gw, D) (SAM's): seen as vitlab's rows
     (1, gh * gw, D) on import, an image again on export (``restore`` given the grid)."""
 
-    def adapt(self, src: Source) -> Source:
-        out = super().adapt(src)
+    def adapt(self, src: Source, depths: Sequence[int] | None = None) -> Source:
+        out = super().adapt(src, depths)
         shape = out.shape("pos_embed") if "pos_embed" in out else ()
         if len(shape) != 4:
             return out
         _, gh, gw, D = shape
         get = lambda k: out.get(k).flatten(1, 2) if k == "pos_embed" else out.get(k)  # noqa: E731
-        return Source({**out.shapes, "pos_embed": (1, gh * gw, D)}, get, out.label, (0, (gh, gw)))
+        return out.replaced({**out.shapes, "pos_embed": (1, gh * gw, D)}, get, pos_layout=(0, (gh, gw)))
 
     def restore(self, sd: Mapping[str, torch.Tensor], *args, grid: tuple[int, int] | None = None,
                 **kw) -> dict[str, torch.Tensor]:
@@ -247,6 +270,7 @@ class SplitFamily(Family):
     ``adapt`` only renames: a split needs the model's sizes, so the load plans it (``weights``)."""
 
     split: tuple[Split, ...] = ()
+    note: str = ""  # the load report's note on a split tensor
 
     def restore(self, sd: Mapping[str, torch.Tensor], lead: int | None = None, *,
                 into: Container[str] | Mapping[str, torch.Tensor] | None = None,

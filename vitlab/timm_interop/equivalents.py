@@ -1,71 +1,58 @@
-"""A plugin component's timm twin, declared through the ``vitlab_timm_equivalents`` hook: the timm
-module class it is read from and written back as, inside timm's ``VisionTransformer``.
-
-timm's ``VisionTransformer`` takes its attention, MLP and block classes as arguments
-(``attn_layer``, ``mlp_layer``, ``block_fn``), so a plugin that ships a timm-compatible module for
-its component makes that component part of the bridge: ``spec_from_timm`` reads the module into the
-component (``read``), ``timm_kwargs`` passes the class back (``layer``), and ``renames`` say how the
-state-dict keys differ (the same templates as ``bridge.Family``, read both ways).
+"""Plugin twins in use: a timm module matched to the plugin component it twins by exact class
+(``twin_of``), its params read (``read_twin``), its class bound for timm (``bound_layer``), and its
+state-dict renames scoped to the blocks that use the component (``renames``). The declaration and
+its registration checks are ``vitlab.twins``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Mapping
 
-# the slots of timm's VisionTransformer a plugin may fill: vitlab kind -> timm_kwargs argument
-SLOTS: dict[str, str] = {"attention": "attn_layer", "mlp": "mlp_layer", "block": "block_fn"}
+from ..twins import MODULE_PREFIX, SLOTS, TimmEquivalent, check_equivalent  # noqa: F401  (the twin API, re-exported)
 
 
-@dataclass(frozen=True)
-class TimmEquivalent:
-    """How one plugin component maps to a timm module.
+def bound_layer(layer: Any) -> Any:
+    """timm's Block wants its ``attn_layer`` as a class (it asks ``issubclass``): a ``partial`` of a
+    class with keywords becomes a subclass whose constructor has those keywords bound, marked as
+    the twin it binds so that reading it back still matches by exact class (``twin_of``)."""
+    import functools
 
-    Args:
-        kind: ``"attention"``, ``"mlp"`` or ``"block"`` (see ``SLOTS``).
-        name: the component's registered name (registered by the same plugin).
-        timm_type: the plugin's own module class timm's model holds for it (instances of it and of
-            its subclasses are read as the component; timm's and torch's classes are refused).
-        read: ``module -> params`` of the component; raise ``ValueError`` naming the feature to refuse.
-        layer: ``params -> `` what timm's ``VisionTransformer`` takes for the slot: the class, or a
-            ``functools.partial`` of it with keywords (for attention, made a subclass binding them).
-        renames: ``(timm template, vitlab template)`` state-dict pairs, ``{block}`` a block index and
-            ``{rest}`` the rest of a name; empty when the component keeps timm's parameter names.
-    """
-
-    kind: str
-    name: str
-    timm_type: type
-    read: Callable[[Any], dict[str, Any]]
-    layer: Callable[[dict[str, Any]], Any]
-    renames: tuple[tuple[str, str], ...] = ()
-    provider: str = ""
+    if isinstance(layer, functools.partial) and isinstance(layer.func, type) and not layer.args:
+        cls = layer.func
+        return type(cls.__name__, (cls,), {"__init__": functools.partialmethod(cls.__init__, **layer.keywords),
+                                           "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                           "__vitlab_twin_of__": cls})
+    return layer
 
 
-def check_equivalent(eq: Any, provider: str) -> TimmEquivalent:
-    """``eq`` checked (``PluginError`` text without the provider if not), with its provider set."""
-    from dataclasses import replace
-
-    from ..errors import PluginError
-
-    if not isinstance(eq, TimmEquivalent):
-        raise PluginError(f"registered {eq!r} as a timm equivalent, which is not a vitlab.TimmEquivalent")
-    if eq.kind not in SLOTS:
-        raise PluginError(f"timm equivalent of '{eq.name}': kind '{eq.kind}' is not one of {', '.join(SLOTS)}")
-    if not isinstance(eq.timm_type, type):
-        raise PluginError(f"timm equivalent of {eq.kind} '{eq.name}': timm_type {eq.timm_type!r} is not a class")
-    if eq.timm_type.__module__.split(".")[0] in ("timm", "torch"):  # it would claim timm's own modules
-        raise PluginError(f"timm equivalent of {eq.kind} '{eq.name}': timm_type must be the plugin's own class, "
-                          f"not {eq.timm_type.__module__}.{eq.timm_type.__qualname__}")
-    if not (callable(eq.read) and callable(eq.layer)):
-        raise PluginError(f"timm equivalent of {eq.kind} '{eq.name}': read and layer must be callables")
-    if not all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in eq.renames):
-        raise PluginError(f"timm equivalent of {eq.kind} '{eq.name}': renames must be (timm, vitlab) string pairs")
-    return replace(eq, provider=provider)
+def twin_of(registry, kind: str, module: Any) -> TimmEquivalent | None:
+    """The plugin-declared twin whose class ``module`` is exactly (or the subclass ``bound_layer``
+    made of it), ``None`` if none: never by ``isinstance``, so a twin claims its own class only."""
+    cls = type(module)
+    cls = cls.__dict__.get("__vitlab_twin_of__", cls)
+    return next((eq for eq in registry.timm_equivalents.values() if eq.kind == kind and eq.timm_type is cls), None)
 
 
-def renames(registry):
-    """One ``bridge.Family`` of every plugin twin's state-dict renames, ``None`` if there are none."""
+def read_twin(eq: TimmEquivalent, module: Any) -> dict[str, Any]:
+    """The params ``eq.read`` gives for ``module``; ``TypeError`` if the plugin returned anything
+    but a mapping of param names (the reader turns it into a refusal naming the plugin)."""
+    params = eq.read(module)
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise TypeError(f"its read() returned {type(params).__name__}, not a mapping of param names")
+    return dict(params)
+
+
+def renames(model):
+    """One ``bridge.Family`` of the state-dict renames of the plugin twins ``model`` uses, each
+    applied only to the blocks whose component it twins (``None`` if there are none): a plugin's
+    renames never touch the keys of a model, or a block, that does not use its component."""
     from .bridge import Family
 
-    pairs = tuple(p for eq in registry.timm_equivalents.values() for p in eq.renames)
-    return Family("plugin components", marker=r"(?!)", renames=pairs) if pairs else None
+    twins = model.registry.timm_equivalents
+    pairs = []
+    for plan in model.spec.block_plans():
+        for kind, sel in plan.selections.items():
+            eq = twins.get((kind, sel.name))
+            if eq is not None:
+                pairs += [(t.replace("{block}", str(plan.index)), v.replace("{block}", str(plan.index)))
+                          for t, v in eq.renames]
+    return Family("plugin components", marker=r"(?!)", renames=tuple(pairs)) if pairs else None

@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 
 from ..errors import VitlabError, WeightsError
+from ..fileio import check_input
 from .sources import Source, from_mapping, from_module
 
 # (layout, a key only its checkpoints have): names the layout in the report and decides that the
@@ -59,7 +60,8 @@ def _timm_twin(model, why: str, device: str):
     from .to_timm import timm_class, timm_kwargs
 
     try:
-        cls, kwargs = timm_class(model.spec), timm_kwargs(model.spec)
+        registry = model.registry
+        cls, kwargs = timm_class(model.spec, registry=registry), timm_kwargs(model.spec, registry=registry)
     except VitlabError as exc:
         raise WeightsError(f"{why} needs timm's equivalent of the spec, and there is none: {exc.lines()[0]}") from None
     with torch.device(device):
@@ -108,6 +110,8 @@ def _npz_claims(path: Path) -> int:
                 if dtype.hasobject:
                     raise WeightsError(f"{path}: array '{info.filename}' holds Python objects (a pickle); "
                                        "only numeric arrays are read")
+                if any(int(n) < 0 for n in shape):  # (-1, 10**9) would claim fewer bytes than it holds
+                    raise WeightsError(f"{path}: array '{info.filename}' has a negative dimension {tuple(shape)}")
                 count = 1
                 for n in shape:
                     count *= int(n)
@@ -122,9 +126,7 @@ def _npz_claims(path: Path) -> int:
 def open_npz(model, path: str | Path) -> Source:
     """A big_vision ``.npz`` read by timm's own ``load_pretrained`` into timm's equivalent model,
     seen as that model's state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    path = check_input(path, "checkpoint", WeightsError)
     params = sum(p.numel() for p in model.parameters())
     budget = NPZ_BUDGET_FACTOR * 4 * params + NPZ_BUDGET_SLACK
     claimed = _npz_claims(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from ..fileio import check_input
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
@@ -31,6 +33,15 @@ class Source:
         self.label = label
         self.pos_layout = pos_layout
         self.note: str | None = None  # how the source was read, when the report should say so
+        self.converted: dict[str, str] = {}  # key -> how a family's table converted it, for the report
+
+    def replaced(self, shapes: dict[str, tuple[int, ...]], getter: Callable[[str], torch.Tensor], *,
+                 label: str | None = None, pos_layout=None, converted: dict[str, str] | None = None) -> "Source":
+        """A source of other tensors standing for this one (its label, layout and notes unless given)."""
+        out = Source(shapes, getter, self.label if label is None else label, pos_layout or self.pos_layout)
+        out.note = self.note
+        out.converted = dict(self.converted if converted is None else converted)
+        return out
 
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
@@ -85,7 +96,9 @@ def read_pickle(path: Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)``: tensors and plain containers only; a pickle that would
     import or call anything else is refused before it runs."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols are not the user's business
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         why = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
@@ -100,9 +113,7 @@ def read_pickle(path: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def open_file(path: str | Path) -> Iterator[Source]:
     """A file source; safetensors are read tensor by tensor while the file stays open."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    path = check_input(path, "checkpoint", WeightsError)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import safe_open

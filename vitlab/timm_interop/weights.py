@@ -41,10 +41,6 @@ class LoadReport:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def shape_mismatches(self) -> list[tuple[str, Shape, Shape]]:
-        return self.mismatched
-
-    @property
     def ok(self) -> bool:
         """Everything fitted: nothing missing, unexpected or of the wrong shape."""
         return not (self.missing or self.unexpected or self.mismatched)
@@ -68,8 +64,9 @@ class LoadReport:
         return "\n".join(self.lines())
 
 
-class _Plan:
-    """Model key -> how to produce its tensor from the source, filled from shapes only."""
+class Plan:
+    """Model key -> how to produce its tensor from the source, filled from shapes only: the
+    generic rules below, then each family's ``load_fixups`` (what its tables cannot say)."""
 
     def __init__(self, model, src: Source):
         self.model = model
@@ -104,8 +101,14 @@ class _Plan:
         return True
 
     def direct(self, tkey: str, skey: str) -> bool:
-        src = self.src
-        return self.put(tkey, lambda: src.get(skey), src.shape(skey), "loaded", skey)
+        """``tkey`` is the source's ``skey`` (converted when a family's table converted it)."""
+        src, note = self.src, self.src.converted.get(skey)
+        return self.put(tkey, lambda: src.get(skey), src.shape(skey), "converted" if note else "loaded", skey,
+                        note=note)
+
+    def free(self, tkey: str) -> bool:
+        """Whether the model has ``tkey`` and nothing is planned for it yet."""
+        return tkey in self.target and tkey not in self._status
 
     def zeros(self, tkey: str, why: str) -> None:
         if tkey in self.target and tkey not in self._status:
@@ -115,10 +118,14 @@ class _Plan:
     # --- the rules ----------------------------------------------------------------------------
 
     def build(self) -> LoadReport:
+        from .families import FAMILIES
+
         self.positions()
-        self.blocks()
+        self.splits()
+        for family in FAMILIES:
+            if family.load_fixups is not None:
+                family.load_fixups(self)
         self.patch_embed()
-        self.pit()
         self.renamed()
         for tkey, why in self.fallback_zeros:
             if tkey not in self._status:
@@ -148,13 +155,8 @@ class _Plan:
             return
         self.used.add("pos_embed")
         shape = src.shape("pos_embed")
-        read, layout, notes = (lambda: src.get("pos_embed")), src.pos_layout, []
-        if len(shape) == 4 and shape[0] == 1:  # PiT's table: an image over the patches only
-            from .pit import pos_table
-
-            read, layout = (lambda: pos_table(src.get("pos_embed"))), (0, tuple(shape[2:]))
-            shape = (1, shape[2] * shape[3], shape[1])
-            notes.append("the (1, D, gh, gw) image reshaped to rows")
+        read, layout = (lambda: src.get("pos_embed")), src.pos_layout
+        notes = [src.converted["pos_embed"]] if "pos_embed" in src.converted else []  # a family's table reshaped it
         tkey = "pos_embed.weight"
         want = tuple(self.target[tkey].shape)
         if len(shape) != 3 or shape[0] != 1 or shape[2] != want[2]:
@@ -225,21 +227,17 @@ class _Plan:
                 return c, (r, r)
         return None
 
-    def blocks(self) -> None:
-        """The block tensors timm fuses, split in the model's sizes: ParallelScalingBlock's
-        (``families.PARALLEL``) and a packed SwiGLU's ``fc1`` (``families.SWIGLU_PACKED``)."""
-        from .families import PARALLEL, SWIGLU_PACKED
+    def splits(self) -> None:
+        """The block tensors timm fuses and the model keeps apart (every family's ``SplitFamily``
+        tables), split in the model's sizes."""
+        from .bridge import SplitFamily
+        from .families import tables
 
         src, tgt = self.src, self.target
         indices = sorted({int(m.group(1)) for k in src.keys() if (m := re.match(r"blocks\.(\d+)\.", k))})
-        for i in indices:
-            p = f"blocks.{i}."
-            if p + "in_proj.weight" in src:
-                self._split(PARALLEL, i, "split from ParallelScalingBlock's fused projection")
-                self._parallel(p)
-            fc1 = p + "mlp.fc1.weight"
-            if fc1 in src and p + "mlp.fc1_g.weight" in tgt and fc1 not in tgt:
-                self._split(SWIGLU_PACKED, i, "split from SwiGLUPacked's fc1 (the gate's rows first)")
+        for family in [t for t in tables() if isinstance(t, SplitFamily)]:
+            for i in indices:
+                self._split(family, i, family.note)
 
     def _split(self, family, block: int, note: str) -> None:
         """Each of ``family.split``'s checkpoint tensors in ``block`` -> the model's parts, in the
@@ -247,10 +245,10 @@ class _Plan:
         src, tgt = self.src, self.target
         for entry in family.split:
             skey = entry.source.format(block=block)
-            if skey not in src:
+            parts = [part.format(block=block) for part in entry.parts]
+            if skey not in src or skey in tgt or not any(k in tgt for k in parts):
                 continue
             shape, dim = tuple(src.shape(skey)), entry.dim
-            parts = [part.format(block=block) for part in entry.parts]
             known = [tgt[k].shape[dim] if k in tgt and tgt[k].ndim == len(shape) else None for k in parts]
             sizes = entry.sizes(shape[dim], known)
             if sizes is None:
@@ -265,23 +263,6 @@ class _Plan:
                 piece = lambda a=start, n=n, skey=skey, dim=dim: src.get(skey).narrow(dim, a, n)  # noqa: E731
                 self.put(k, piece, shape[:dim] + (n,) + shape[dim + 1:], "converted", skey, note=note)
                 start += n
-
-    def _parallel(self, p: str) -> None:
-        """What ``families.PARALLEL``'s names cannot say about timm's ParallelScalingBlock: its one
-        layer scale serves both branches, a fused ``out_proj``'s one bias either branch, and the
-        MLP output bias it may lack is zero."""
-        from .families import PARALLEL
-
-        src, tgt = self.src, self.target
-        if (ls := p + "ls.gamma") in src:
-            for tkey in (PARALLEL.to_vitlab(ls), p + "ls2.gamma"):
-                self.put(tkey, lambda: src.get(ls), src.shape(ls), "converted", ls,
-                         note="ParallelScalingBlock's one layer scale serves both branches")
-        if (bias := p + "out_proj.bias") in src:
-            # y = W_a a + W_m m + b: the bias goes to one of the two, the other gets zeros
-            dest = PARALLEL.to_vitlab(bias) if PARALLEL.to_vitlab(bias) in tgt else p + "mlp.fc2.bias"
-            self.put(dest, lambda: src.get(bias), src.shape(bias), "converted", bias, note="the fused out_proj's bias")
-        self.fallback_zeros.append((p + "mlp.fc2.bias", "the checkpoint's ParallelScalingBlock has no MLP output bias"))
 
     def patch_embed(self) -> None:
         src = self.src
@@ -311,77 +292,40 @@ class _Plan:
                 "pseudo-inverse (timm's resample_patch_embed)")
         self.put(tkey, resampled, want, "resampled", skey, note=note)
 
-    def pit(self) -> None:
-        """A timm PiT checkpoint: its names (``pit.PIT_NAMES``) and the class-token pair it keeps
-        in one tensor (``pit.PIT_FUSED``)."""
-        from .pit import NAMES, PIT_FUSED, is_pit_checkpoint
-
-        src, tgt = self.src, self.target
-        if not is_pit_checkpoint(src.keys()):
-            return
-        for skey, parts in PIT_FUSED:
-            present = [k for k in parts if k in tgt]
-            if skey not in src or not present:
-                continue
-            if len(present) == 1:
-                self.direct(present[0], skey)
-                continue
-            shape, sizes = src.shape(skey), [tgt[k].shape[1] for k in present]
-            if len(shape) != 3 or shape[1] != sum(sizes):
-                for k in present:
-                    self.report.mismatched.append((k, shape, tuple(tgt[k].shape)))
-                    self._status[k] = "mismatched"
-                self.used.add(skey)
-                continue
-            start = 0
-            for k, n in zip(present, sizes):
-                part = lambda a=start, b=start + n, skey=skey: src.get(skey)[:, a:b]  # noqa: E731
-                self.put(k, part, (shape[0], n, shape[2]), "converted", skey,
-                         note=f"tokens {start}:{start + n} of the checkpoint's {skey}")
-                start += n
-        depths = [plan.depth for plan in self.model.spec.stage_plans()]
-        for skey in src.keys():
-            tkey = None if skey in self.used else NAMES.to_vitlab(skey, depths, has=tgt.__contains__)
-            if tkey in tgt and tkey not in self._status:
-                self.direct(tkey, skey)
-
     def renamed(self) -> None:
         """Every other checkpoint tensor under its model key: timm's ViT names read forward
-        (``families.VITLAB``, and ``families.PARALLEL`` for a ParallelScalingBlock checkpoint)."""
-        from .families import PARALLEL, VITLAB
+        (``export.VITLAB``)."""
+        from .export import VITLAB
 
         tgt, src = self.target, self.src
-        parallel = PARALLEL.matches(src.keys())
-        # a norm after taking tokens (timm's fc_norm with token or no pooling) is a final norm
-        # when the model's pool has none
+        # a norm after taking tokens (timm's fc_norm with token or no pooling, PiT's norm of its
+        # class tokens) is a final norm when the model's pool has none
         fc_norm_is_final = ("pool.norm.weight" not in tgt and "norm.weight" in tgt and "norm.weight" not in src
-                            and self.model.spec.pool.name in ("token", "none"))
+                            and self.model.spec.pool.name in ("token", "none", "distilled"))
         for skey in src.keys():
             if skey in self.used:
                 continue
             tkey = VITLAB.to_vitlab(skey)
-            if fc_norm_is_final and skey.startswith("fc_norm."):
-                tkey = "norm." + skey[len("fc_norm."):]
-            elif parallel:
-                tkey = PARALLEL.to_vitlab(tkey)
+            if fc_norm_is_final and tkey.startswith("pool.norm."):
+                tkey = "norm." + tkey[len("pool.norm."):]
             if tkey in tgt and tkey not in self._status:
                 self.direct(tkey, skey)
 
 
-def plan_load(model, src: Source) -> tuple[_Plan, LoadReport]:
-    from .families import family_of
+def plan_load(model, src: Source) -> tuple[Plan, LoadReport]:
+    """The plan of loading ``src`` into ``model``, and its report (nothing copied yet)."""
+    from .equivalents import renames
+    from .families import table_of
     from .layouts import convert
 
     note = src.note
     src, converted = convert(model, src)  # an original layout (CLIP, DINOv2 ...) in timm's names
-    family = family_of(src.keys())
-    if family is not None:  # another timm family's names: seen in ViT names (``bridge``)
-        src = family.adapt(src)
-    from .equivalents import renames
-
-    if (plugins := renames(model.registry)) is not None:  # plugin twins' parameter names
+    table = table_of(src.keys())
+    if table is not None:  # another timm family's names: seen in ViT names (``bridge``)
+        src = table.adapt(src, depths=[plan.depth for plan in model.spec.stage_plans()])
+    if (plugins := renames(model)) is not None:  # plugin twins' parameter names
         src = plugins.adapt(src)
-    plan = _Plan(model, src)
+    plan = Plan(model, src)
     report = plan.build()
     report.notes[:0] = [n for n in (note, converted) if n]
     return plan, report

@@ -6,6 +6,7 @@ crash and is reported as such. ``scripts/zoo_coverage.py`` prints the table the 
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -14,12 +15,12 @@ import torch
 
 from ..errors import VitlabError
 
-# timm modules holding isotropic (single-width, one token grid) ViTs, in the README's order;
-# the VLM vision towers are listed when the installed timm has them
+# timm modules whose ViTs vitlab reads, in the README's order: the isotropic ones (single width, one
+# token grid; the VLM vision towers when the installed timm has them), then the hierarchical ones
 FAMILIES: tuple[str, ...] = (
     "vision_transformer", "deit", "eva", "vision_transformer_sam", "beit", "vision_transformer_relpos",
     "cait", "vision_transformer_hybrid", "xcit", "convit", "naflexvit", "qwen3_vit", "gemma4_vit",
-    "deepseek_vit",
+    "deepseek_vit", "swin_transformer",
 )
 
 
@@ -71,11 +72,33 @@ def families() -> list[str]:
     return out
 
 
+# In-place ops timm's weight init runs. On meta they compute nothing, yet some dispatch through
+# slow reference decompositions (trunc_normal_'s clamp_: ~2 ms each), ~80 % of building a model.
+_INIT_OPS = frozenset({"uniform_", "normal_", "erfinv_", "mul_", "add_", "sub_", "div_", "clamp_", "fill_",
+                       "zero_", "copy_"})
+
+
+class _SkipMetaInit(torch.overrides.TorchFunctionMode):
+    """Skip ``_INIT_OPS`` on meta tensors: they change no shape, dtype or flag, only values meta has not."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in _INIT_OPS and args and getattr(args[0], "is_meta", False):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Build on the meta device without running weight init (structure only)."""
+    with torch.device("meta"), _SkipMetaInit():
+        yield
+
+
 def meta_model(name: str, **kwargs):
-    """``timm.create_model(name)`` on the meta device (``pretrained=False``)."""
+    """``timm.create_model(name)`` on the meta device (``pretrained=False``), weight init skipped."""
     import timm
 
-    with torch.device("meta"):
+    with on_meta():
         return timm.create_model(name, pretrained=False, **kwargs)
 
 
@@ -87,8 +110,9 @@ def _reason(exc: BaseException) -> str:
     return re.sub(r"^cannot convert timm model '[^']*': ", "", text)
 
 
-def read_one(name: str, family: str) -> Outcome:
-    """Build ``name`` on the meta device and read it."""
+def read_one(name: str, family: str, registry=None) -> Outcome:
+    """Build ``name`` on the meta device and read it (components from ``registry``, default
+    ``vitlab.plugins.load_registry()``)."""
     from .spec_from import spec_from_timm
 
     try:
@@ -96,23 +120,24 @@ def read_one(name: str, family: str) -> Outcome:
     except Exception as exc:  # noqa: BLE001 - timm's own limitation, not vitlab's
         return Outcome(name, family, "unbuildable", f"{type(exc).__name__}: {_reason(exc)}")
     try:
-        spec = spec_from_timm(model)
+        spec = spec_from_timm(model, registry=registry)
     except VitlabError as exc:
         return Outcome(name, family, "refused", _reason(exc))
     except Exception as exc:  # noqa: BLE001 - the point is to report it, not to stop
         return Outcome(name, family, "crash", f"{type(exc).__name__}: {exc}")
-    return Outcome(name, family, "read", **_export(spec))
+    return Outcome(name, family, "read", **_export(spec, registry))
 
 
-def _export(spec) -> dict:
+def _export(spec, registry) -> dict:
     """Back to timm, on meta: ``timm_class(spec)(**timm_kwargs(spec))`` reads back as ``spec`` (but
-    for the fields the family's timm class does not keep, ``Export.unkept``: NaFlexVit's nominal size)."""
+    for the fields the family's timm class does not keep, ``TimmFamily.unkept``: NaFlexVit's nominal size)."""
     from .spec_from import spec_from_timm
     from .to_timm import timm_class, timm_kwargs, unkept_fields
 
     try:
-        with torch.device("meta"):
-            back = spec_from_timm(timm_class(spec)(**timm_kwargs(spec)))
+        with on_meta():
+            tm = timm_class(spec, registry=registry)(**timm_kwargs(spec, registry=registry))
+            back = spec_from_timm(tm, registry=registry)
     except VitlabError as exc:
         return {"export_reason": _reason(exc)}
     except Exception as exc:  # noqa: BLE001 - reported, not raised
@@ -123,12 +148,14 @@ def _export(spec) -> dict:
     return {"exported": True}
 
 
-def coverage(which: Iterable[str] | None = None, names: Iterable[str] | None = None) -> list[FamilyCoverage]:
+def coverage(which: Iterable[str] | None = None, names: Iterable[str] | None = None,
+             registry=None) -> list[FamilyCoverage]:
     """Per family (default: all the installed timm has), every model read or refused.
 
     Args:
         which: the families to read.
         names: only these models (within the families).
+        registry: where components are looked up (default: ``vitlab.plugins.load_registry()``).
     """
     import timm
 
@@ -138,7 +165,7 @@ def coverage(which: Iterable[str] | None = None, names: Iterable[str] | None = N
         cov = FamilyCoverage(fam)
         for name in timm.list_models(module=fam):
             if keep is None or name in keep:
-                cov.outcomes.append(read_one(name, fam))
+                cov.outcomes.append(read_one(name, fam, registry))
         out.append(cov)
     return out
 

@@ -17,6 +17,7 @@ from torch import nn
 import vitlab
 
 __version__ = "0.1.0"
+vitlab_api = 2  # the vitlab plugin API this module is written for (docs/migration.md)
 
 
 class ConvStem(vitlab.PatchEmbed):

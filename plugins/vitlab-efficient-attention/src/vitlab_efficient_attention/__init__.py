@@ -28,6 +28,7 @@ import vitlab
 from vitlab.components.attention import QKVAttention
 
 __version__ = "0.1.0"
+vitlab_api = 2  # the vitlab plugin API this module is written for (docs/migration.md)
 
 
 class _QKVAttention(QKVAttention):

@@ -18,6 +18,7 @@ import vitlab
 from vitlab.state import QKTransform
 
 __version__ = "0.1.0"
+vitlab_api = 2  # the vitlab plugin API this module is written for (docs/migration.md)
 
 
 def axial_frequencies(head_dim: int, theta: float) -> torch.Tensor:

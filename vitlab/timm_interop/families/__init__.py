@@ -1,0 +1,34 @@
+"""Every timm family vitlab reads and writes back, one ``TimmFamily`` per module, listed once.
+
+The order is the order of every question asked of them: which family claims a spec on export
+(first claim wins: the VLM towers before Eva, whose RoPE they share; the hybrids before the
+families that read the rest of a hybrid's spec; PiT, which claims any spec with stages, after the
+staged families; timm's ``VisionTransformer``, which claims every spec, last) and whose table's
+marker a checkpoint's keys match on load (CaiT and BEiT before EVA, whose marker theirs match).
+Readers are chosen by exact class. Adding a family is adding a module and an entry here.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..bridge import Family
+from ..family import TimmFamily
+from . import (
+    beit, cait, convit, deepseek, eva, gemma4, hybrid, naflex, pit, qwen3, relpos, sam, swin, vit, xcit,
+)
+
+FAMILIES: tuple[TimmFamily, ...] = (
+    qwen3.FAMILY, deepseek.FAMILY, gemma4.FAMILY, hybrid.FAMILY, cait.FAMILY, beit.FAMILY, relpos.FAMILY,
+    eva.FAMILY, naflex.FAMILY, xcit.FAMILY, sam.FAMILY, convit.FAMILY, swin.FAMILY, pit.FAMILY, vit.FAMILY,
+)
+
+
+def tables() -> list[Family]:
+    """Every family's state-dict tables, in the families' order."""
+    return [t for fam in FAMILIES for t in fam.tables]
+
+
+def table_of(keys: Iterable[str]) -> Family | None:
+    """The table whose checkpoints have these keys, ``None`` for timm's plain ViT names."""
+    keys = list(keys)
+    return next((t for t in tables() if t.matches(keys)), None)
