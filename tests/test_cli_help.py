@@ -88,3 +88,11 @@ def test_a_measured_comparison_splits_into_two_tables_at_80_columns(monkeypatch)
     width[0] = 200
     output.emit_rows(rows(reports), reports, "table", None, False)
     assert [len(t.columns) for t in printed[0]] == [11]
+
+
+def test_flops_shows_tokens_per_stage_as_compare_does():
+    """``flops`` showed ``tokens 197`` where ``compare`` showed the tokens of every stage."""
+    flops = " ".join(invoke_cli("flops", "pit_ti_like").stdout.split())
+    compare = invoke_cli("compare", "pit_ti_like", "--format", "md").stdout
+    tokens = compare.splitlines()[2].split("|")[4].strip()
+    assert tokens.count("→") == 2 and f"tokens │ {tokens}" in flops

@@ -167,7 +167,9 @@ def test_compare_measure_json_table_and_merge(tmp_path):
     assert "--merge" in one_error_line(CliRunner().invoke(cli, ["compare", "--merge", str(tmp_path / "nope.json")]))
 
 
-def test_out_of_memory_halves_the_batch(monkeypatch):
+@pytest.mark.parametrize("error", ["killed (out of memory)",  # the kernel's OOM killer
+                                   "RuntimeError: DefaultCPUAllocator: can't allocate memory"])  # not CUDA's wording
+def test_out_of_memory_halves_the_batch(monkeypatch, error):
     import vitlab.measure as measure
 
     calls = []
@@ -175,7 +177,7 @@ def test_out_of_memory_halves_the_batch(monkeypatch):
     def child(spec_json, batch, *rest):
         calls.append(batch)
         if batch > 2:
-            return {"error": "killed (out of memory)", "oom": True}
+            return {"error": error, "oom": True}
         return {"device": "cpu", "batch_size": batch, "infer_ms": 1.0, "train_step_ms": 2.0,
                 "infer_peak_bytes": 1, "train_peak_bytes": 2}
 

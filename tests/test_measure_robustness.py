@@ -47,22 +47,6 @@ def test_the_child_reports_any_allocation_failure_as_out_of_memory(monkeypatch, 
     assert json.loads(capsys.readouterr().out)["oom"] is True
 
 
-def test_an_allocation_failure_halves_the_batch(monkeypatch):
-    batches = []
-
-    def child(spec_json, batch, *rest):
-        batches.append(batch)
-        if batch > 2:
-            return {"error": "RuntimeError: DefaultCPUAllocator: can't allocate memory", "oom": True}
-        return {"device": "cpu", "batch_size": batch, "infer_ms": 1.0, "train_step_ms": 3.0,
-                "infer_peak_bytes": 1, "train_peak_bytes": 2}
-
-    monkeypatch.setattr(measure, "_child", child)
-    monkeypatch.setattr(measure, "can_reset_peak", lambda: True)
-    measured = measure.measure_spec(vitlab.load_spec(TINY), 8, device="cpu")
-    assert batches == [8, 4, 2] and measured["batch_size"] == 2 and measured["halved_from"] == 8
-
-
 def test_sigterm_to_the_parent_ends_the_measuring_child(tmp_path):
     pid_file = tmp_path / "child.pid"
     script = f"""

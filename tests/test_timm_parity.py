@@ -25,6 +25,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 from vitlab.timm_interop import spec_from_timm  # noqa: E402
+from test_timm_swin import SMALL as SWIN_SMALL
 from timm_reference import (  # noqa: E402
     assert_close,
     assert_derived_equals_full,
@@ -209,6 +210,8 @@ OUTPUTS = [
            ("deepseek_vit_412m", dict(SMALL, img_size=56, num_classes=5)),
            ("deepseek_vit_412m_align", dict(SMALL, img_size=56, out_features=32, num_classes=5)),  # 4x4 -> 6x6
            ("deepseek_vit_412m_enc", dict(SMALL, img_size=(70, 42), out_features=32))),
+    # Swin v1 (tests/test_timm_swin.py's small layouts: a padded grid, per-stage windows)
+    *cases("swin_transformer", *SWIN_SMALL.items()),
 ]
 
 
@@ -294,6 +297,7 @@ FLOPS = [  # full width where the count is fast
     *cases("deepseek_vit",
            ("deepseek_vit_412m", dict(depth=1, img_size=56, num_classes=5)),
            ("deepseek_vit_412m_align", dict(depth=1, img_size=56, out_features=64, num_classes=5))),
+    *cases("swin_transformer", ("swin_tiny_patch4_window7_224", {}), ("swin_s3_tiny_224", SWIN_SMALL["swin_s3_tiny_224"])),
 ]
 
 
@@ -351,6 +355,8 @@ DERIVED = [  # the VLM towers: with their FLOPs (FLOPS_CHECKS)
            ("naflexvit_base_patch16_par_gap", dict(SMALL, depth=3)),
            ("naflexvit_base_patch16_parfac_gap", dict(SMALL, depth=3)),
            ("naflexvit_so150m2_patch16_reg1_map", dict(SMALL, depth=3))),
+    # Swin v1 (tests/test_timm_swin.py's small layouts: a padded grid, per-stage windows)
+    *cases("swin_transformer", *SWIN_SMALL.items()),
 ]
 
 
@@ -359,7 +365,10 @@ def test_derived_equals_full(case):
     spec = spec_from_timm(case.name, **case.kw)
     if case.name == "vit_large_patch16_sapiens2":
         assert len(spec.layers) == 2
-    full = assert_derived_equals_full(spec)
+    # Swin: the whole model's trace also records the integer arithmetic of its padded, shifted grids
+    # as free operators (neg, sub, mul: 0 FLOPs); blocks traced alone get those sizes as constants
+    also = {"free_ops", "free_why"} if case.family == "swin_transformer" else set()
+    full = assert_derived_equals_full(spec, also)
     if case.family == "cait":
         _cait_stage_tokens(spec, full)
 
@@ -472,6 +481,7 @@ ROUND_TRIPS = [
     *trips("deepseek_vit",
            ("deepseek_vit_412m", dict(SMALL, img_size=56, num_classes=5)),
            ("deepseek_vit_412m_enc", dict(SMALL, img_size=(70, 42), out_features=32, dynamic_img_pad=True))),
+    *trips("swin_transformer", *SWIN_SMALL.items()),
 ]
 
 

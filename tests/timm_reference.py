@@ -179,15 +179,15 @@ def assert_flops_match_fvcore(name: str, *, rtol: float = 0.005, **kw):
 DERIVED_ONLY = ("derived", "derivation", "method", "device")  # keys that say how a count was made
 
 
-def assert_derived_equals_full(spec):
+def assert_derived_equals_full(spec, also_drop=frozenset()):
     """``analyze(spec, method="derived")`` (counts derived from a few traced blocks) equals the full
     trace of the whole model, its definition and the reference, in every key but those saying how
-    the count was made (``DERIVED_ONLY``). Returns the full analysis."""
+    the count was made (``DERIVED_ONLY``, and ``also_drop``). Returns the full analysis."""
     import vitlab
 
     full, derived = vitlab.analyze(spec, method="full"), vitlab.analyze(spec, method="derived")
     assert derived.derived and not full.derived
-    drop = DERIVED_ONLY
+    drop = set(DERIVED_ONLY) | set(also_drop)
     assert ({k: v for k, v in derived.to_dict().items() if k not in drop}
             == {k: v for k, v in full.to_dict().items() if k not in drop})
     return full

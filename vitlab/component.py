@@ -117,9 +117,13 @@ class PosEncoding(Component):
         """Tokens after block ``state.block_index``; the default adds nothing."""
         return x
 
-    def acts_after(self, block_index: int) -> bool:
-        """Whether ``after_block`` does anything after that block (derived counts tell blocks apart by it)."""
-        return False
+    def acts_after(self, block_index: int) -> Any:
+        """Whether ``after_block`` does anything after that block: derived counts tell blocks apart
+        by it. An encoding may say so (CPVT's ``peg`` acts after one block only: ``True`` there,
+        ``False`` elsewhere); the default never undercounts: ``False`` when ``after_block`` is not
+        overridden, else the block index itself, so each block is traced with the encoding on its
+        own (derived costs as much as full, and stays equal to it)."""
+        return False if type(self).after_block is PosEncoding.after_block else ("block", block_index)
 
 
 class Attention(Component):

@@ -291,7 +291,7 @@ def _token_fields(seen: dict[Any, int]) -> dict[str, Any]:
 
 def _report(counted: Counted, name: str, img_hw: tuple[int, int], images_shape: tuple[int, ...],
             options: _MemoryOptions) -> Report:
-    from .count import activations, by_kind, by_module, free_ops
+    from .count import activations, by_kind, by_module, free_ops, free_reasons
     from .handles import FLOPS
 
     model, counts = counted.model, counted.counts
@@ -310,6 +310,7 @@ def _report(counted: Counted, name: str, img_hw: tuple[int, int], images_shape: 
         by_operator=counts.by_operator(FLOPS),
         unsupported={k: int(v) for k, v in sorted(counts.unsupported.items())},
         free_ops=free_ops(counts),
+        free_why=free_reasons(free_ops(counts), getattr(model, "registry", None)),
         flop_counter=counts.flop_counter,
         derived=counted.note is not None,
         derivation=counted.note,

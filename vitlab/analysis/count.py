@@ -311,5 +311,14 @@ def free_ops(counts: Counts) -> dict[str, int]:
     return counts.by_operator(FREE)
 
 
+def free_reasons(ops: dict[str, int], registry) -> dict[str, str]:
+    """Why each free operator counts 0: the ``free=`` reason of the declaration that counted it
+    (the first, built-ins first), vitlab's own table when there is no registry at hand."""
+    from ..components.flops import FREE_OPS
+
+    rules = registry.op_rules if registry is not None else {}
+    return {op: (rules[op].free if op in rules and rules[op].free else FREE_OPS.get(op, "declared free")) for op in ops}
+
+
 def activations(counts: Counts) -> int:
     return counts.total(ACTS)

@@ -292,7 +292,11 @@ class _Run:
         parts = [model.blocks[i]] + ([model.transitions[stage]] if stage is not None else [])
         shape = tuple(x.shape)
         grouped, trained = self.keys(parts[0], parts[1] if stage is not None else None)
-        group = ("block", grouped, shape, state_key(state), model.pos_embed.acts_after(i))
+        acts = model.pos_embed.acts_after(i)
+        if acts is not False:  # the traced block includes the encoding's work after it: which encoding is part of the key
+            pe = model.pos_embed
+            acts = (acts, type(pe).__module__, type(pe).__qualname__, repr(getattr(pe, "params", None)))
+        group = ("block", grouped, shape, state_key(state), acts)
         key = group if trained is grouped else (*group, trained)
         piece = self.cache.get(key)
         rerun = piece is None or not piece.keeps_state

@@ -33,6 +33,8 @@ class Report:
     by_operator: dict[str, int] = field(default_factory=dict)
     unsupported: dict[str, int] = field(default_factory=dict)
     free_ops: dict[str, int] = field(default_factory=dict)
+    free_why: dict[str, str] = field(default_factory=dict)
+    """Why each of ``free_ops`` counts 0: the reason its declaration gave (``free=``), vitlab's or a plugin's."""
     flop_counter: Optional[int] = None
     derived: bool = False
     derivation: Optional[str] = None

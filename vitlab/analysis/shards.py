@@ -68,6 +68,7 @@ class ShardRow(_Model):
     by_operator: dict[Name, Count] = {}
     unsupported: dict[Name, Count] = {}
     free_ops: dict[Name, Count] = {}
+    free_why: dict[Name, Annotated[str, Field(max_length=MAX_NAME)]] = {}
     flop_counter: Optional[Count] = None
     derived: StrictBool = False
     derivation: Optional[Annotated[str, Field(max_length=10 * MAX_NAME)]] = None

@@ -161,7 +161,7 @@ def _summary_pairs(report) -> list[tuple[str, str]]:
         ("parameters", (f"{report.params / 1e9:.2f} B" if report.params >= 1e9 else f"{mega(report.params)} M")
          + f" ({report.params:,})"),
         ("trainable parameters", f"{report.trainable_params:,}"),
-        ("tokens", "-" if report.tokens is None else str(report.tokens)),
+        ("tokens", report.tokens_text()),  # per stage, and out of the last block when merging changed them
         ("activations", f"{mega(report.activations)} M"),
         ("input", f"{report.batch_size} x {h}x{w}"),
         ("FlopCounterMode (2 per multiply-add, no norms)",
@@ -198,7 +198,8 @@ def free_op_rows(report) -> list[tuple[str, str, str]]:
     """(operator, calls, why it counts 0) for the free operators the trace met."""
     from ..analysis.handles import FREE_OPS
 
-    return [(op, str(n), FREE_OPS.get(op, "declared free by a plugin")) for op, n in report.free_ops.items()]
+    return [(op, str(n), report.free_why.get(op) or FREE_OPS.get(op, "declared free by a plugin"))
+            for op, n in report.free_ops.items()]
 
 
 def report_tables(report) -> list:

@@ -127,9 +127,14 @@ class WindowAttention(QKVAttention):
             bias = table.permute(2, 0, 1)[None, :, None]  # (1, heads, 1, w², w²)
         if any(shift):
             key = (padded, shift, like.device, like.dtype)
-            if key not in self._masks:
-                self._masks = {key: shift_mask(padded, w, shift, like.device, like.dtype)}
-            mask = self._masks[key][None, None]  # (1, 1, windows, w², w²)
+            mask = self._masks.get(key)
+            if mask is None or torch.jit.is_tracing():
+                # a trace (FLOP counting) sees the mask built every time, whatever ran before it:
+                # full and derived counts then tally the same operators
+                mask = shift_mask(padded, w, shift, like.device, like.dtype)
+                if not torch.jit.is_tracing():
+                    self._masks = {key: mask}
+            mask = mask[None, None]  # (1, 1, windows, w², w²)
             bias = mask if bias is None else bias + mask
         if bias is not None and prefix:
             bias = F.pad(bias, (prefix, 0))

@@ -15,8 +15,23 @@ from typing import Any, Iterable
 from torch import nn
 
 from ..errors import Problem, SpecError
+from ..layout import format_indices
 from ..spec import ViTSpec
 from .equivalents import read_twin, twin_of
+
+
+def common_and_layers(values: list[Any], key: str, at=None) -> tuple[Any, list[dict]]:
+    """Each block's value of ``key`` -> the recipe's (the most common; the earliest on a tie) and
+    ``layers`` overrides for the other blocks, one entry per other value, its blocks written by
+    ``at`` (default ``format_indices``: ``"2,5,8,11"``)."""
+    at = at or format_indices
+    reprs = [repr(v) for v in values]
+    common = max(reprs, key=lambda r: (reprs.count(r), -reprs.index(r)))
+    others: dict[str, list[int]] = {}
+    for i, r in enumerate(reprs):
+        if r != common:
+            others.setdefault(r, []).append(i)
+    return values[reprs.index(common)], [{"at": at(idx), key: values[idx[0]]} for idx in others.values()]
 
 
 class Unsupported(SpecError):

@@ -18,9 +18,8 @@ from torch import nn
 from ...spec import ViTSpec
 from ..bridge import Family
 from ..export import refuser
-from ..reader import BlockRead, Reader, fmt_float
+from ..reader import BlockRead, Reader, common_and_layers, fmt_float
 from ..family import Exporting, TimmFamily
-from .sam import attention_layers
 
 # timm's ConVit: the class token, inserted after the GPSA blocks, is the ``class_token``
 # transition's into stage 1; GPSA keeps timm's names (``attn.qk``, ``attn.v``, ``attn.pos_proj``)
@@ -100,8 +99,8 @@ class ConVitReader(Reader):
         data.update(embed_dim=D, depth=depth, num_heads=heads,
                     mlp_ratio=self.mlp_ratio(first.mlp["hidden"], "blocks.0.mlp"),
                     mlp={"name": first.mlp["name"], "params": first.mlp["params"]}, block=first.block)
-        data["attention"], data["layers"] = attention_layers(
-            [{"name": b.attn["name"], "params": b.attn["params"]} for b in blocks])
+        data["attention"], data["layers"] = common_and_layers(
+            [{"name": b.attn["name"], "params": b.attn["params"]} for b in blocks], "attention")
         if local:  # the class token joins after the GPSA blocks: the second stage's transition
             data["class_token"] = False
             data["stages"] = [{"depth": local, "embed_dim": D, "num_heads": heads},

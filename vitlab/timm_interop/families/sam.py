@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...layout import format_indices
 from ...spec import ViTSpec
 from ..bridge import ImagePosFamily
 from ..export import norm_layer, refuser
-from ..reader import BlockRead, Reader, fmt_float
+from ..reader import BlockRead, Reader, common_and_layers, fmt_float
 from ..family import Exporting, TimmFamily
 
 # timm's VisionTransformerSAM: the neck is the ``sam_neck`` pool's, the classifier ``head.fc``
@@ -30,19 +29,6 @@ SAM = ImagePosFamily(
 )
 
 # --- timm -> spec -----------------------------------------------------------------------------------
-
-
-def attention_layers(attns: list[dict]) -> tuple[dict, list[dict]]:
-    """Each block's attention selection -> the recipe's (the most common; the earliest on a tie) and
-    ``layers`` overrides for the other blocks, one entry per other selection."""
-    keys = [repr(a) for a in attns]
-    common = max(keys, key=lambda k: (keys.count(k), -keys.index(k)))
-    others: dict[str, list[int]] = {}
-    for i, k in enumerate(keys):
-        if k != common:
-            others.setdefault(k, []).append(i)
-    layers = [{"at": format_indices(idx), "attention": attns[idx[0]]} for idx in others.values()]
-    return attns[keys.index(common)], layers
 
 
 class SamReader(Reader):
@@ -153,7 +139,7 @@ class SamReader(Reader):
             if b.settings(attn=("name", "params")) != blocks[0].settings(attn=("name", "params")):
                 raise self.unsupported(f"blocks that differ other than in attention (block {i} is not configured "
                                        "like block 0)")
-        data["attention"], data["layers"] = attention_layers(attns)
+        data["attention"], data["layers"] = common_and_layers(attns, "attention")
 
         first = blocks[0]
         heads = first.attn["heads"]

@@ -23,7 +23,7 @@ from ...spec import ViTSpec
 from ..bridge import Family
 from ..export import norm_layer, pair, refuser
 from ..family import Exporting, TimmFamily
-from ..reader import BlockRead, Reader, fmt_float
+from ..reader import BlockRead, Reader, common_and_layers, fmt_float
 
 SWIN = Family(
     "swin", marker=r"layers\.\d+\.blocks\.\d+\.",
@@ -47,18 +47,6 @@ def at_text(indices: list[int]) -> str:
     if len(indices) > 2 and len(steps) == 1 and (step := steps.pop()) > 1:
         return f"{indices[0]}-{indices[-1]}:{step}"
     return format_indices(indices)
-
-
-def _layers(values: list[Any], key: str) -> tuple[Any, list[dict]]:
-    """Each block's value of ``key`` -> the recipe's (the most common; the earliest on a tie) and
-    ``layers`` overrides for the other blocks, one entry per other value."""
-    reprs = [repr(v) for v in values]
-    common = max(reprs, key=lambda r: (reprs.count(r), -reprs.index(r)))
-    others: dict[str, list[int]] = {}
-    for i, r in enumerate(reprs):
-        if r != common:
-            others.setdefault(r, []).append(i)
-    return values[reprs.index(common)], [{"at": at_text(idx), key: values[idx[0]]} for idx in others.values()]
 
 
 # --- timm -> spec ------------------------------------------------------------------------------------
@@ -154,10 +142,10 @@ class SwinReader(Reader):
             if b.settings(attn=("heads", "params"), mlp=("hidden",)) != first.settings(attn=("heads", "params"),
                                                                                     mlp=("hidden",)):
                 raise self.unsupported(f"blocks that differ other than in window, shift or width ({where})")
-        data["attention"], layers = _layers([{"name": "window", "params": b.attn["params"]} for b, _, _ in blocks],
-                                            "attention")
+        data["attention"], layers = common_and_layers([{"name": "window", "params": b.attn["params"]} for b, _, _ in blocks],
+                                                      "attention", at_text)
         ratios = [self.mlp_ratio(b.mlp["hidden"], f"{where}.mlp", w) for b, w, where in blocks]
-        data["mlp_ratio"], ratio_layers = _layers(ratios, "mlp_ratio")
+        data["mlp_ratio"], ratio_layers = common_and_layers(ratios, "mlp_ratio", at_text)
         data.update(stages=stages, layers=layers + ratio_layers, final_norm=not self.is_id(m.norm),
                     mlp={"name": first.mlp["name"], "params": first.mlp["params"]}, block=first.block)
         if data["final_norm"]:
