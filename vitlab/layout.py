@@ -15,7 +15,12 @@ _BAD_AT = "expected a block index, a list of them or a string like '0-5,8' or '1
 
 
 def parse_at(at: Any, depth: int) -> list[int]:
-    """A ``layers[i].at`` value -> sorted block indices.
+    """A ``layers[i].at`` value -> sorted block indices (``at_spans`` expanded)."""
+    return [i for lo, hi in at_spans(at, depth) for i in range(lo, hi + 1)]
+
+
+def at_spans(at: Any, depth: int) -> list[tuple[int, int]]:
+    """A ``layers[i].at`` value -> the sorted, disjoint, inclusive runs of blocks it names.
 
     ``at`` is an int, a list of ints, or a string of indices and inclusive ranges (``"0-5,8"``),
     a range optionally with a step (``"1-11:2"``: 1, 3, ..., 11, Swin's shifted blocks).
@@ -65,19 +70,17 @@ def parse_at(at: Any, depth: int) -> list[int]:
             raise ValueError(f"block indices are integers from 0, got {lo!r}")
         if hi >= depth:
             raise ValueError(f"block {hi} does not exist (depth {depth})")
-    # merged spans are disjoint inside [0, depth): at most depth indices, whatever at says
-    plain = [i for lo, hi in _merged(spans) for i in range(lo, hi + 1)]
+    # merged spans are disjoint inside [0, depth): at most depth of them, whatever at says
     if not stepped:
-        return plain
+        return _merged(spans)
     # stepped ranges merge per (step, residue), in units of the step: a step s costs at most
     # min(ranges, s) * depth / s, whatever at says
     groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for lo, hi, step in stepped:
         groups.setdefault((step, lo % step), []).append((lo // step, hi // step))
-    named = set(plain)
-    for (step, residue), units in groups.items():
-        named.update(u * step + residue for lo, hi in _merged(units) for u in range(lo, hi + 1))
-    return sorted(named)
+    singles = [(b, b) for (step, residue), units in groups.items()
+               for lo, hi in _merged(units) for b in (u * step + residue for u in range(lo, hi + 1))]
+    return _merged(spans + singles)
 
 
 def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -89,6 +92,36 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append([lo, hi])
     return [(lo, hi) for lo, hi in out]
+
+
+def apply_layers(plans: list["BlockPlan"], entries: list[tuple[Any, dict[str, Any]]], depth: int) -> None:
+    """Apply ``layers`` entries, ``(at, {field: value})`` in recipe order (a field a block kind or
+    ``mlp_ratio``), to the blocks' ``plans``: later entries win, and each selection remembers the
+    entry it came from. Entries are walked last to first, each field of a block set once; ``free[f]``
+    points past the blocks already set (union-find with path halving), so an entry naming every
+    block costs its runs, not the depth: linear in entries plus depth, however they overlap."""
+    fields = {f for _, values in entries for f in values}
+    free = {f: list(range(depth + 1)) for f in fields}
+
+    def first_free(f: str, i: int) -> int:
+        up = free[f]
+        while up[i] != i:
+            up[i] = up[up[i]]
+            i = up[i]
+        return i
+
+    for j in reversed(range(len(entries))):
+        at, values = entries[j]
+        for lo, hi in at_spans(at, depth) if values else ():
+            for f, value in values.items():
+                i = first_free(f, lo)
+                while i <= hi:
+                    if f == "mlp_ratio":
+                        plans[i].mlp_ratio = value
+                    else:
+                        plans[i].selections[f], plans[i].source[f] = value, ("layers", j, f)
+                    free[f][i] = i + 1
+                    i = first_free(f, i + 1)
 
 
 def format_indices(indices: list[int]) -> str:

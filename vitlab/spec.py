@@ -30,7 +30,7 @@ from pydantic_core import InitErrorDetails
 from .kinds import BLOCK_KINDS, KINDS
 from .context import BuildContext
 from .errors import Problem, SpecError
-from .layout import BlockPlan, StagePlan, parse_at
+from .layout import BlockPlan, StagePlan, apply_layers, at_spans
 from .limits import LIMITS
 from .parsing import parse_text
 from .registry import Registry
@@ -207,7 +207,7 @@ class ViTSpec(BaseModel):
         for i, layer in enumerate(layers):
             if depth is not None and depth <= LIMITS["depth"]:  # past it, depth alone is the error
                 try:
-                    parse_at(layer.at, depth)
+                    at_spans(layer.at, depth)
                 except ValueError as exc:
                     errors.append(error_detail((i, "at"), str(exc), layer.at))
             update = {}
@@ -253,10 +253,11 @@ class ViTSpec(BaseModel):
             if layer.mlp_ratio is None:
                 continue
             try:  # a bad ``at`` has its own error; here only the stages it reaches matter
-                blocks = parse_at(layer.at, self.depth)
+                runs = at_spans(layer.at, self.depth)
             except ValueError:
                 continue
-            stages = {stage_of[b] for b in blocks if b < len(stage_of)} if stage_of else {0}
+            # a run reaches the stages of its ends and every stage between them
+            stages = {s for lo, hi in runs for s in range(stage_of[lo], stage_of[hi] + 1)} if stage_of else {0}
             checks.append((("layers", j, "mlp_ratio"), layer.mlp_ratio, sorted(stages)))
         errors = []
         for loc, ratio, stages in checks:  # the first bad stage of each ratio
@@ -398,16 +399,14 @@ class ViTSpec(BaseModel):
         stage_of = [p.index for p in self.stage_plans() for _ in range(p.depth)]
         plans = [BlockPlan(i, stage_of[i], {k: self.selection(k) for k in BLOCK_KINDS}, self.mlp_ratio,
                            {k: (k,) for k in BLOCK_KINDS}) for i in range(self.depth)]
-        for j, layer in enumerate(self.layers):
-            for i in parse_at(layer.at, self.depth):
-                plan = plans[i]
-                for kind in BLOCK_KINDS:
-                    sel = getattr(layer, kind)
-                    if sel is not None:
-                        plan.selections[kind] = ComponentSpec(name=sel.name, params=sel.params)
-                        plan.source[kind] = ("layers", j, kind)
-                if layer.mlp_ratio is not None:
-                    plan.mlp_ratio = layer.mlp_ratio
+        entries = []
+        for layer in self.layers:
+            values = {k: ComponentSpec(name=sel.name, params=sel.params)
+                      for k in BLOCK_KINDS if (sel := getattr(layer, k)) is not None}
+            if layer.mlp_ratio is not None:
+                values["mlp_ratio"] = layer.mlp_ratio
+            entries.append((layer.at, values))
+        apply_layers(plans, entries, self.depth)
         return plans
 
     def stage_contexts(self, registry: Registry | None = None, **alloc: Any) -> list[BuildContext]:
