@@ -215,6 +215,12 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Iterabl
     return out
 
 
+def recipe_data(ref: str | Path) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a recipe file or bundled recipe (``extends`` merged in, not validated)
+    and its label for messages: read once, a sweep validates it under many overrides."""
+    return read_recipe(find_recipe(ref), allow_outside=extends_outside_allowed()), str(ref)
+
+
 def load_spec(
     source: str | Path | Mapping[str, Any] | ViTSpec,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
@@ -253,9 +259,7 @@ def load_spec(
             data = _merge(read_recipe(parent_path, (Path("<mapping>"),), allow_outside=allow,
                                       _root=Path.cwd().resolve()), data)
     else:
-        path = find_recipe(source)
-        label = str(source)
-        data = read_recipe(path, allow_outside=extends_outside_allowed())
+        data, label = recipe_data(source)
     try:
         data = apply_overrides(data, overrides)
     except SpecError as exc:

@@ -84,14 +84,16 @@ def _suffix(assignments: Sequence[tuple[str, str]]) -> str:
     return f"[{','.join(f'{k}={v}' for k, v in assignments)}]" if assignments else ""
 
 
-def _variant(recipe: str, sweeps: Sequence[Sweep], combo: Sequence[tuple[str, Any]], common: dict[str, Any]) -> Variant:
-    """One recipe under the common overrides and one combination of sweep values, validated."""
+def _variant(recipe: str, sweeps: Sequence[Sweep], combo: Sequence[tuple[str, Any]], common: dict[str, Any],
+             data: dict[str, Any] | None = None) -> Variant:
+    """One recipe under the common overrides and one combination of sweep values, validated;
+    ``data``: the recipe's mapping when already read (a sweep reads each file once)."""
     from ..recipes import load_spec
 
     changes = {**common, **{s.key: value for s, (_, value) in zip(sweeps, combo)}}
     assignments = tuple((s.key, raw) for s, (raw, _) in zip(sweeps, combo))
     try:
-        spec = load_spec(recipe, overrides=changes or None)
+        spec = load_spec(recipe if data is None else data, overrides=changes or None)
     except SpecError as exc:
         if assignments:
             where = ", ".join(f"{k}={v}" for k, v in assignments)
@@ -105,8 +107,11 @@ def expand(recipes: Sequence[str], sweeps: Sequence[Sweep] = (), overrides: Iter
 
     Specs are loaded (validated) here, so a bad key or value fails before any counting.
     """
+    from ..recipes import recipe_data
+
     common = _common(sweeps, overrides)
-    return [_variant(recipe, sweeps, combo, common)
+    read = {r: recipe_data(r)[0] for r in dict.fromkeys(recipes)} if sweeps else {}  # each file parsed once
+    return [_variant(recipe, sweeps, combo, common, read.get(recipe))
             for recipe in recipes for combo in itertools.product(*(s.values for s in sweeps))]
 
 
