@@ -85,11 +85,20 @@ def comparison_figure(reports: Sequence[Report], baseline: str | None = None):
         ax1.set_yscale("log")
     drawn_x = [math.log10(x) for x in xs] if logx else xs
     drawn_y = [math.log10(y) for y in ys] if logy else ys
-    for g in _groups(drawn_x, drawn_y):
+    span_x = (max(drawn_x) - min(drawn_x)) or 1.0
+    span_y = (max(drawn_y) - min(drawn_y)) or 1.0
+    placed: list[tuple[float, float, int]] = []  # (x, y, vertical offset) of the labels drawn so far
+    for g in sorted(_groups(drawn_x, drawn_y), key=lambda g: drawn_x[g[0]]):
         text = ", ".join(str(i + 1) if numbered else labels[i] for i in g)
         if not numbered and len(g) > 1:
             text = "\n".join(labels[i] for i in g)
-        ax1.annotate(text, (xs[g[0]], ys[g[0]]), xytext=(7, 0), textcoords="offset points", va="center",
+        x, y = drawn_x[g[0]], drawn_y[g[0]]
+        # a label starting close right of another one at about the same height would run into it:
+        # step it below (then above) that one
+        near = [o for px, py, o in placed if 0 <= x - px < 0.25 * span_x and abs(y - py) < 0.05 * span_y]
+        offset = next(o for o in (0, -11, 11, -22, 22) if o not in near)
+        placed.append((x, y, offset))
+        ax1.annotate(text, (xs[g[0]], ys[g[0]]), xytext=(7, offset), textcoords="offset points", va="center",
                      fontsize=8.5, zorder=4)
     ax1.set_xlabel("parameters (M)" + (", log scale" if logx else ""))
     ax1.set_ylabel("GFLOPs (fvcore: multiply-adds)" + (", log scale" if logy else ""))
