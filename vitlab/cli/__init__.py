@@ -87,8 +87,9 @@ class VitlabGroup(click.Group):
                 click.echo(f"error: out of memory: {one_line(str(exc))[:300]} (lower --batch-size, or use "
                            "--device meta / --method derived for counts)", err=True)
                 sys.exit(1)
-            click.echo(f"error: internal error {type(exc).__name__}: {one_line(str(exc))} (set VITLAB_DEBUG=1 for a traceback)",
-                       err=True)
+            # capped: a library's message can hold a whole tensor
+            click.echo(f"error: internal error {type(exc).__name__}: {one_line(str(exc)[:300])} "
+                       "(set VITLAB_DEBUG=1 for a traceback)", err=True)
             sys.exit(1)
 
 
