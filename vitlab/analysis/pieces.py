@@ -22,8 +22,11 @@ block at a time (a component that cannot run on meta tensors, in the memory of o
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import functools
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -84,13 +87,19 @@ class _Call(nn.Module):
         return self.fn(*inputs)
 
 
+# False while a piece is traced again without the tensors its q/k transform closes over: torch's
+# tracer refuses an output that does not depend on the input (a plugin's tables kept as buffers),
+# and such constants cost nothing to count anyway
+CLOSED_OVER_OUTPUTS: ContextVar[bool] = ContextVar("closed_over_outputs", default=True)
+
+
 def traced(result: tuple[torch.Tensor, ForwardState]) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """What a traced piece must return: the tokens and the tensors its new state carries. A shared
     attention bias computed in the embedding (or recomputed by a transition) feeds later blocks,
     not these tokens, and a trace would drop it as dead code; the full trace counts it."""
     x, state = result
-    extra = tuple(t for t in (state.attn_bias, state.token_weights, *_closed_over(state.qk_transform))
-                  if isinstance(t, torch.Tensor))
+    closed = _closed_over(state.qk_transform) if CLOSED_OVER_OUTPUTS.get() else ()
+    extra = tuple(t for t in (state.attn_bias, state.token_weights, *closed) if isinstance(t, torch.Tensor))
     return (x, *extra) if extra else x
 
 
@@ -228,8 +237,18 @@ class _Run:
         if self.total is not None:
             if piece.counts is None:
                 x = self.blank(shape, self.images.dtype)
-                piece.counts = count(_Call(self.model, fn), (x,), self.options.second_opinion,
-                                     registry=self.model.registry)
+                try:
+                    piece.counts = count(_Call(self.model, fn), (x,), self.options.second_opinion,
+                                         registry=self.model.registry)
+                except RuntimeError as exc:
+                    if "observable data dependence" not in str(exc):
+                        raise
+                    token = CLOSED_OVER_OUTPUTS.set(False)  # constant tables: traced without them
+                    try:
+                        piece.counts = count(_Call(self.model, fn), (x,), self.options.second_opinion,
+                                             registry=self.model.registry)
+                    finally:
+                        CLOSED_OVER_OUTPUTS.reset(token)
             _add_renamed(self.total, piece.counts, renames)
         if self.memory is not None:
             if self.memory not in piece.memory:
