@@ -59,6 +59,7 @@ PROBES: dict[tuple[str, str, str], dict] = {
     ("pool", "map", "reduce"): {"latent_len": 2},  # with one latent, the first latent is the mean
     ("pos_embed", "rope", "include_prefix"): {"learned": True},  # which tokens the learned table covers
     ("block", "prenorm", "attn_only_layer_scale"): {"init_values": 0.1},  # which branches the layer scale covers
+    ("block", "parallel", "shared_layer_scale"): {"init_values": 0.1},  # one layer scale or two
 }
 
 

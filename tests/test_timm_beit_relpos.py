@@ -36,10 +36,19 @@ def test_beit_weights_and_grid():
     report = load_timm_weights(model, tm)
     assert report.ok, str(report)
     attn = model.blocks[1].attn
+    assert spec.attention.params["qkv_bias"] == "qv"  # timm's zero key bias: a buffer, not a parameter
     with torch.no_grad():
-        assert torch.count_nonzero(attn.qkv.bias[64:128]) == 0
-        assert torch.equal(attn.qkv.bias[:64], tm.blocks[1].attn.q_bias)
+        assert torch.count_nonzero(attn.qkv.k_bias) == 0
+        assert torch.equal(attn.qkv.q_bias, tm.blocks[1].attn.q_bias)
+        assert torch.equal(attn.qkv.v_bias, tm.blocks[1].attn.v_bias)
         assert torch.equal(attn.relative_position_bias_table, tm.blocks[1].attn.relative_position_bias_table)
+    # a model with a trainable key bias takes the same weights, fused with the zero key bias
+    full = build_model(vitlab.load_spec({**spec.to_dict(), "attention": {
+        "name": "mhsa_relpos", "params": {**spec.attention.params, "qkv_bias": True}}}))
+    assert load_timm_weights(full, tm).ok
+    with torch.no_grad():
+        bias = full.blocks[1].attn.qkv.bias  # (3 * 64,) q, k, v
+        assert torch.count_nonzero(bias[64:128]) == 0 and torch.equal(bias[:64], tm.blocks[1].attn.q_bias)
     data = spec.to_dict()
     with pytest.raises(SpecError, match="tied to the patch grid"):
         vitlab.load_spec({**data, "dynamic_img_size": True})

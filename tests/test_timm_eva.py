@@ -53,8 +53,14 @@ def test_eva_weights_are_fused_and_renamed():
     report = load_timm_weights(model, tm)
     assert report.ok
     assert "blocks.0.attn.qkv.weight" in report.loaded + report.converted
-    with torch.no_grad():  # the key bias timm keeps at zero outside its state dict
-        assert torch.count_nonzero(model.blocks[0].attn.qkv.bias[64:128]) == 0
+    # the key bias timm keeps at zero outside its state dict is a zero buffer here too (qkv_bias: qv)
+    assert model.spec.attention.params["qkv_bias"] == "qv"
+    qkv = model.blocks[0].attn.qkv
+    assert {"blocks.0.attn.qkv.q_bias", "blocks.0.attn.qkv.v_bias"} <= set(report.converted)
+    assert "k_bias" not in dict(qkv.named_parameters()) and torch.count_nonzero(qkv.k_bias) == 0
+    a = tm.blocks[0].attn  # q / k / v apart, k_proj without bias
+    assert a.k_proj.bias is None
+    assert torch.equal(qkv.q_bias, a.q_proj.bias) and torch.equal(qkv.v_bias, a.v_proj.bias)
 
 
 def test_mixed_rope_rotates_each_block_with_its_own_frequencies():

@@ -58,7 +58,8 @@ def one_layer_scale_if_parallel(model: nn.Module) -> nn.Module:
     if model.spec.block.name == "parallel":
         with torch.no_grad():
             for block in model.blocks:
-                block.ls2.gamma.copy_(block.ls1.gamma)
+                if hasattr(block.ls2, "gamma"):  # one already with shared_layer_scale
+                    block.ls2.gamma.copy_(block.ls1.gamma)
     return model
 
 

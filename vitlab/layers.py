@@ -17,6 +17,34 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+class QVBiasLinear(Linear):
+    """A fused qkv projection whose key bias is a zero buffer (BEiT's, EVA's): trainable ``q_bias``
+    and ``v_bias`` (timm's names), ``k_bias`` outside the state dict (without RoPE a key bias would
+    only add the same logit to every key of a query).
+
+    Args:
+        in_features: the input width.
+        sizes: the widths of the q, k and v parts of the output (k and v narrower with grouped-query heads).
+    """
+
+    def __init__(self, in_features: int, sizes: tuple[int, int, int], device=None, dtype=None):
+        super().__init__(in_features, sum(sizes), bias=False, device=device, dtype=dtype)
+        q, k, v = sizes
+        self.q_bias = nn.Parameter(torch.zeros(q, device=device, dtype=dtype))
+        self.register_buffer("k_bias", torch.zeros(k, device=device, dtype=dtype), persistent=False)
+        self.v_bias = nn.Parameter(torch.zeros(v, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "q_bias"):  # nn.Linear's constructor calls this before the biases exist
+            nn.init.zeros_(self.q_bias)
+            nn.init.zeros_(self.v_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))  # (q + k + v,)
+        return nn.functional.linear(x, self.weight, bias)
+
+
 class LayerScale(nn.Module):
     """Per-channel scale of a residual branch (CaiT), parameter ``gamma`` (D,)."""
 

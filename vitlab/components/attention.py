@@ -6,14 +6,15 @@ qk-norm, the output projection); plugins subclass it and write only how tokens a
 from __future__ import annotations
 
 import torch
-from typing import Optional
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, StrictBool
+from pydantic import BeforeValidator, Field, StrictBool
+from pydantic_core import PydanticCustomError
 from torch import nn
 
 from ..component import Attention
 from ..context import BuildContext
-from ..layers import Linear
+from ..layers import Linear, QVBiasLinear
 from ..state import ForwardState
 
 
@@ -23,6 +24,17 @@ def check_kv_heads(ctx: BuildContext, kv_heads: int | None) -> None:
         raise ValueError(f"needs kv_heads dividing num_heads {ctx.num_heads}, got kv_heads {kv_heads}")
 
 
+def _qkv_bias(value):
+    """``true``, ``false`` or ``'qv'``, nothing else (no YAML ``yes``, no 1 / 0)."""
+    if isinstance(value, bool) or value == "qv":
+        return value
+    raise PydanticCustomError("bool_type", "Input should be a valid boolean or 'qv'")
+
+
+# ``qv``: biases on queries and values only, the key bias a zero buffer (BEiT's, EVA's q_bias / v_bias)
+QKVBias = Annotated[Union[bool, Literal["qv"]], BeforeValidator(_qkv_bias)]
+
+
 class QKVAttention(Attention):
     """Base of attention variants: qkv projection (timm's ``attn.qkv``), optional qk-norm, output
     projection (``attn.proj``). Not registered itself: it has no ``forward``.
@@ -30,10 +42,15 @@ class QKVAttention(Attention):
     With ``kv_heads`` below ``num_heads`` (grouped-query; 1 = multi-query) the fused projection
     yields ``num_heads`` query heads and ``kv_heads`` key and value heads: its output width is
     ``(num_heads + 2 * kv_heads) * head_dim``, rows ordered q, k, v.
+
+    ``qkv_bias: qv`` keeps the key bias at zero outside the parameters and the state dict, as timm's
+    BEiT and EVA do: ``qkv.q_bias`` and ``qkv.v_bias`` are trained, ``qkv.k_bias`` is a zero buffer.
     """
 
     class Params(Attention.Params):
-        qkv_bias: StrictBool = True
+        qkv_bias: QKVBias = Field(
+            True, description="bias on the qkv projection; qv: on queries and values only, the key bias a zero "
+            "buffer (BEiT, EVA)")
         proj_bias: StrictBool = True
         qk_norm: StrictBool = False  # the recipe's norm over head_dim on queries and keys (ViT-22B)
         kv_heads: Optional[int] = Field(
@@ -50,7 +67,12 @@ class QKVAttention(Attention):
         self.head_dim = ctx.head_dim
         self.num_prefix = ctx.num_prefix_tokens
         qkv_dim = (self.num_heads + 2 * self.kv_heads) * self.head_dim
-        self.qkv = Linear(ctx.embed_dim, qkv_dim, bias=params.qkv_bias, **ctx.factory_kwargs)
+        if params.qkv_bias == "qv":
+            kv_dim = self.kv_heads * self.head_dim
+            self.qkv = QVBiasLinear(ctx.embed_dim, (self.num_heads * self.head_dim, kv_dim, kv_dim),
+                                    **ctx.factory_kwargs)
+        else:
+            self.qkv = Linear(ctx.embed_dim, qkv_dim, bias=params.qkv_bias, **ctx.factory_kwargs)
         self.q_norm = ctx.make("norm", dim=ctx.head_dim) if params.qk_norm else nn.Identity()
         self.k_norm = ctx.make("norm", dim=ctx.head_dim) if params.qk_norm else nn.Identity()
         self.proj = Linear(ctx.embed_dim, ctx.embed_dim, bias=params.proj_bias, **ctx.factory_kwargs)

@@ -80,20 +80,30 @@ class ResPostNormBlock(TwoBranchBlock):
 
 
 class ParallelBlock(TwoBranchBlock):
-    """Parallel: x + attn(norm(x)) + mlp(norm(x)) with one shared norm (ViT-22B, GPT-J)."""
+    """Parallel: x + attn(norm(x)) + mlp(norm(x)) with one shared norm (ViT-22B, GPT-J).
+
+    ``shared_layer_scale``: one layer scale (``ls1``) and one stochastic depth over the branches'
+    sum, x + ls1(attn(h) + mlp(h)), as timm's ``ParallelScalingBlock`` (its ``ls``)."""
 
     name = "parallel"
 
     class Params(TwoBranchBlock.Params):
         shared_norm: StrictBool = True  # false: separate norm1 / norm2 for the two branches
+        shared_layer_scale: StrictBool = Field(
+            False, description="one layer scale over the sum of both branches (timm's ParallelScalingBlock)")
 
     def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params, shared_norm=params.shared_norm)
         self.shared_norm = params.shared_norm
+        self.shared_layer_scale = params.shared_layer_scale
+        if params.shared_layer_scale:
+            self.ls2, self.drop_path2 = nn.Identity(), nn.Identity()
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         h = self.norm1(x)
         m = h if self.shared_norm else self.norm2(x)
+        if self.shared_layer_scale:
+            return x + self.drop_path1(self.ls1(self.attn(h, state) + self.mlp(m)))
         return x + self.drop_path1(self.ls1(self.attn(h, state))) + self.drop_path2(self.ls2(self.mlp(m)))
 
 

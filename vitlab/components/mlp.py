@@ -1,10 +1,10 @@
 """Channel MLPs: (B, N, D) -> (B, N, D) through a hidden width of ``int(D * mlp_ratio)``."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
-from pydantic import StrictBool
+from pydantic import Field, StrictBool
 from torch import nn
 
 from ..component import Mlp
@@ -18,12 +18,16 @@ class _MlpBase(Mlp):
     class Params(Mlp.Params):
         bias: StrictBool = True
         norm: StrictBool = False  # the recipe's norm on the hidden features before fc2 (timm scale_mlp_norm)
+        out_bias: Optional[StrictBool] = Field(
+            None, description="bias on fc2; null = as bias (false: a parallel block's one output bias is the "
+            "attention's)")
 
     def _tail(self, ctx: BuildContext, params: Params) -> None:
         hidden = ctx.mlp_hidden_dim
         self.drop1 = nn.Dropout(ctx.proj_drop)
         self.norm = ctx.make("norm", dim=hidden) if params.norm else nn.Identity()
-        self.fc2 = Linear(hidden, ctx.embed_dim, bias=params.bias, **ctx.factory_kwargs)
+        out_bias = params.bias if params.out_bias is None else params.out_bias
+        self.fc2 = Linear(hidden, ctx.embed_dim, bias=out_bias, **ctx.factory_kwargs)
         self.drop2 = nn.Dropout(ctx.proj_drop)
 
     def _out(self, h: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ keys of the timm model, checked name by name and shape by shape."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Container, Mapping
 
 import torch
 
@@ -158,6 +158,21 @@ def written_back(model, ex, table: Family, *, prepare: Callable[[dict], dict] = 
     return export_state_dict(sd, table, target, inert_zero=inert_zero)
 
 
+def fuse_qv_biases(sd: Mapping[str, torch.Tensor], family: Family, keys: Container[str]) -> dict[str, torch.Tensor]:
+    """``sd`` with each ``qkv_bias: qv`` projection's ``qkv.q_bias`` / ``qkv.v_bias`` as one
+    ``qkv.bias``, its key part zero (the buffer outside the state dict), where the target ``keys``
+    have no place for them apart under ``family``'s names (BEiT's and EVA's q_bias / v_bias have)."""
+    out = dict(sd)
+    for key in [k for k in sd if k.endswith("qkv.q_bias")]:
+        stem = key[:-len("q_bias")]
+        if all(family.to_timm(k, keys) in keys for k in (key, stem + "v_bias")):
+            continue
+        if stem + "v_bias" in out and stem + "bias" not in out:
+            q, v = out.pop(key), out.pop(stem + "v_bias")
+            out[stem + "bias"] = torch.cat([q, torch.zeros_like(v), v])  # (q + k + v,), k = v wide
+    return out
+
+
 def export_state_dict(sd: Mapping[str, torch.Tensor], family: Family, target: Mapping[str, torch.Tensor],
                       inert_zero: bool = False) -> dict[str, torch.Tensor]:
     """Weights ``sd`` (vitlab's names) for the timm model whose state dict is ``target`` (built on
@@ -169,7 +184,7 @@ def export_state_dict(sd: Mapping[str, torch.Tensor], family: Family, target: Ma
             differs, or a part timm keeps at zero is non-zero (and not ``inert_zero``).
     """
     keys = set(target)
-    sd = {k: v.detach() for k, v in sd.items()}
+    sd = fuse_qv_biases({k: v.detach() for k, v in sd.items()}, family, keys)
     out = family.restore(VITLAB.restore(sd, into=keys), into=target, inert_zero=inert_zero)
     problems = [f"no place in timm's {family.name} model for {k}" for k in sorted(set(out) - keys)]
     problems += [f"nothing for timm's {k}" for k in sorted(keys - set(out))]

@@ -7,6 +7,7 @@ and (with ``strict=True``) free of problems, so a failed load leaves the model u
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ class Plan:
 
         self.positions()
         self.splits()
+        self.qv_biases()
         for family in FAMILIES:
             if family.load_fixups is not None:
                 family.load_fixups(self)
@@ -263,6 +265,37 @@ class Plan:
                 piece = lambda a=start, n=n, skey=skey, dim=dim: src.get(skey).narrow(dim, a, n)  # noqa: E731
                 self.put(k, piece, shape[:dim] + (n,) + shape[dim + 1:], "converted", skey, note=note)
                 start += n
+
+    def qv_biases(self) -> None:
+        """A fused ``qkv.bias`` (a plain ViT's, or BEiT's / EVA's q / v biases fused with their
+        zero key bias by the family table) into a ``qkv_bias: qv`` projection's ``q_bias`` and
+        ``v_bias``. Its key part must be zero (checked on the values, before anything is copied):
+        the model keeps that bias at zero."""
+        src, tgt = self.src, self.target
+        for qkey in [k for k in tgt if k.endswith("qkv.q_bias")]:
+            stem = qkey[:-len("q_bias")]
+            skey, vkey = stem + "bias", stem + "v_bias"
+            if skey not in src or vkey not in tgt or not (self.free(qkey) and self.free(vkey)):
+                continue
+            q, v = tgt[qkey].shape[0], tgt[vkey].shape[0]
+            shape = tuple(src.shape(skey))
+            if len(shape) != 1 or shape[0] != q + 2 * v:  # k as wide as v
+                for k in (qkey, vkey):
+                    self.report.mismatched.append((k, shape, tuple(tgt[k].shape)))
+                    self._status[k] = "mismatched"
+                self.used.add(skey)
+                continue
+
+            def part(start: int, n: int, skey=skey, q=q, v=v) -> torch.Tensor:
+                full = src.get(skey)
+                if torch.count_nonzero(full[q:q + v]):
+                    raise WeightsError(f"{skey}: non-zero key bias for a model that keeps it at zero "
+                                       "(qkv_bias: qv); load it into qkv_bias: true")
+                return full[start:start + n]
+
+            note = "split from the fused qkv bias (zero key bias)"
+            self.put(qkey, functools.partial(part, 0, q), (q,), "converted", skey, note=note)
+            self.put(vkey, functools.partial(part, q + v, v), (v,), "converted", skey, note=note)
 
     def patch_embed(self) -> None:
         src = self.src

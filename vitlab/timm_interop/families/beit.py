@@ -82,7 +82,8 @@ class BeitReader(OneNormReader):
         if relpos and tuple(a.window_size) != tuple(self.m.patch_embed.grid_size):
             raise self.unsupported(f"relative position window {tuple(a.window_size)} other than the patch grid "
                                    f"at {where}")
-        params = {"qkv_bias": a.q_bias is not None, "proj_bias": proj.bias is not None, "qk_norm": False,
+        params = {"qkv_bias": "qv" if a.q_bias is not None else False,  # timm's key bias: a zero buffer
+                  "proj_bias": proj.bias is not None, "qk_norm": False,
                   "attn_drop": fmt_float(a.attn_drop.p)}
         return {"heads": a.num_heads, "params": params, "proj_drop": a.proj_drop.p,
                 "name": "mhsa_relpos" if relpos else "mhsa"}
@@ -165,7 +166,7 @@ def beit_kwargs(spec: ViTSpec, ex: Exporting) -> dict[str, Any]:
     fc_norm = fc_norm_of(spec, fail)
     return dict(
         common_kwargs(spec, fail),
-        qkv_bias=ap["qkv_bias"],
+        qkv_bias=bool(ap["qkv_bias"]),  # q / v biases, the key's zero (qv; true: vitlab's inert key bias dropped)
         swiglu_mlp=mlp.name == "swiglu",
         scale_mlp=bool(mlp.params.get("norm", False)),
         pos_drop_rate=spec.pos_drop_rate,

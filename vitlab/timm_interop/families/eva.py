@@ -23,11 +23,18 @@ from ..reader import BlockRead, Reader, fmt_float
 
 # timm's Eva: bare layer-scale parameters; q / k / v kept apart, or fused with the zero key bias
 # (EVA's and BEiT's fused qkv: q and v biases stored, the key bias a zero buffer outside the state dict)
+_RENAMES = (("blocks.{block}.gamma_1", "blocks.{block}.ls1.gamma"),
+            ("blocks.{block}.gamma_2", "blocks.{block}.ls2.gamma"),
+            ("rope.freqs", "pos_embed.freqs"))  # RoPE-Mixed's learned per-block frequencies
+# a ``qkv_bias: qv`` projection's trained biases are timm's as they are: fused q_bias / v_bias, or the
+# q / v projections' apart (on import the fused entries take them first, and the loader splits those)
+QV_RENAMES = (("blocks.{block}.attn.q_bias", "blocks.{block}.attn.qkv.q_bias"),
+              ("blocks.{block}.attn.v_bias", "blocks.{block}.attn.qkv.v_bias"),
+              ("blocks.{block}.attn.q_proj.bias", "blocks.{block}.attn.qkv.q_bias"),
+              ("blocks.{block}.attn.v_proj.bias", "blocks.{block}.attn.qkv.v_bias"))
 EVA = Family(
     "eva", marker=r"(blocks\.\d+\.(gamma_[12]|attn\.(q_bias|v_bias|q_proj\.weight))|rope\.freqs)$",
-    renames=(("blocks.{block}.gamma_1", "blocks.{block}.ls1.gamma"),
-             ("blocks.{block}.gamma_2", "blocks.{block}.ls2.gamma"),
-             ("rope.freqs", "pos_embed.freqs")),  # RoPE-Mixed's learned per-block frequencies
+    renames=_RENAMES + QV_RENAMES,
     fused=(
         Fuse("blocks.{block}.attn.qkv.weight", ("blocks.{block}.attn.q_proj.weight", "blocks.{block}.attn.k_proj.weight",
                                                 "blocks.{block}.attn.v_proj.weight")),
@@ -40,7 +47,7 @@ EVA = Family(
 # some blocks, so the parts differ in size). Before EVA, whose marker these checkpoints match.
 EVA_KEY_BIAS = Family(
     "eva_key_bias", marker=r"blocks\.\d+\.attn\.k_proj\.bias$",
-    renames=EVA.renames,
+    renames=_RENAMES,  # a qv projection's biases go back fused, with their zero key bias
     fused=(
         EVA.fused[0],  # q / k / v weights
         Fuse("blocks.{block}.attn.qkv.bias", ("blocks.{block}.attn.q_proj.bias", "blocks.{block}.attn.k_proj.bias",
@@ -68,16 +75,17 @@ class EvaReader(Reader):
         kv_heads = getattr(a, "num_kv_heads", a.num_heads)
         if a.qkv is not None:
             self.linear(a.qkv, f"{where}.qkv")
-            if t is EvaAttention:
-                qkv_bias = a.q_bias is not None
+            if t is EvaAttention:  # q / v biases, the key's a zero buffer
+                qkv_bias = "qv" if a.q_bias is not None else False
             else:
                 qkv_bias = a.qkv.bias is not None
         else:
             q, k, v = (self.linear(getattr(a, n), f"{where}.{n}") for n in ("q_proj", "k_proj", "v_proj"))
-            qkv_bias = q.bias is not None
-            k_bias = k.bias is not None if t is AttentionRope else qkv_bias  # EVA: zero key bias
-            if (v.bias is not None) != qkv_bias or k_bias != qkv_bias:
+            qv_bias = q.bias is not None
+            if (v.bias is not None) != qv_bias or (t is AttentionRope and (k.bias is not None) != qv_bias):
                 raise self.unsupported(f"bias on only some of q / k / v at {where}")
+            # EVA's k_proj has no bias (zero, outside the parameters); AttentionRope's has one with q / v
+            qkv_bias = qv_bias if t is AttentionRope or not qv_bias else "qv"
         proj = self.linear(a.proj, f"{where}.proj")
         qk_norm = not self.is_id(a.q_norm)
         if qk_norm:
@@ -257,8 +265,10 @@ _ROPE_OWN = ("variant", "learned", "include_prefix")
 
 
 def _is_eva(spec: ViTSpec) -> bool:
-    """Rotary position embedding, which among timm's isotropic ViTs only Eva has."""
-    return spec.stages is None and spec.pos_embed.name == "rope"
+    """Rotary position embedding, which among timm's isotropic ViTs only Eva has; or EVA's zero key
+    bias (``qkv_bias: qv``) without it (EVA-CLIP's giants), which timm's VisionTransformer lacks."""
+    qv = spec.attention.name in ("mhsa", "mhsa_subln") and spec.attention.params.get("qkv_bias") == "qv"
+    return spec.stages is None and (spec.pos_embed.name == "rope" or qv)
 
 
 def kv_heads(spec: ViTSpec) -> tuple[int, ...]:
@@ -281,12 +291,13 @@ def _check_blocks(spec: ViTSpec, fail) -> None:
 
 
 def attn_type(spec: ViTSpec) -> str:
-    """Eva's ``attn_type`` for the spec: without qkv bias or grouped-query heads EVA's own (``eva``,
-    the same module then); otherwise timm's ``AttentionRope`` (``rope``), whose key bias is a weight
-    as vitlab's and which alone takes ``num_kv_heads``. EVA's keeps that bias at zero outside its
-    state dict, which RoPE makes matter: a rotated ``k + b`` turns ``b`` differently for every key."""
+    """Eva's ``attn_type`` for the spec: without a key bias (``qkv_bias`` false or ``qv``) or
+    grouped-query heads EVA's own (``eva``); otherwise timm's ``AttentionRope`` (``rope``), whose key
+    bias is a weight as vitlab's ``qkv_bias: true`` and which alone takes ``num_kv_heads``. EVA's keeps
+    that bias at zero outside its state dict, which RoPE makes matter: a rotated ``k + b`` turns ``b``
+    differently for every key."""
     gqa = any(h != spec.num_heads for h in kv_heads(spec))
-    return "rope" if spec.attention.params["qkv_bias"] or gqa else "eva"
+    return "rope" if spec.attention.params["qkv_bias"] is True or gqa else "eva"
 
 
 def _rope_kwargs(spec: ViTSpec, fail, registry) -> dict[str, Any]:
@@ -351,11 +362,16 @@ def eva_kwargs(spec: ViTSpec, ex: Exporting) -> dict[str, Any]:
         raise fail(f"norm '{spec.norm.name}'")
     pad = conv_patch_embed(spec, fail, bias=not spec.pre_norm)  # Eva drops the conv's bias with its pre-norm
 
-    if pos.name != "rope":
-        raise fail(f"position encoding '{pos.name}' (a spec without RoPE is timm's VisionTransformer)")
-    kw = _rope_kwargs(spec, fail, ex.registry)
-    kw.update(use_rot_pos_emb=True, use_abs_pos_emb=pos.params["learned"],
-              no_embed_class=not pos.params["include_prefix"])
+    if pos.name == "rope":
+        kw = _rope_kwargs(spec, fail, ex.registry)
+        kw.update(use_rot_pos_emb=True, use_abs_pos_emb=pos.params["learned"],
+                  no_embed_class=not pos.params["include_prefix"])
+    elif pos.name in ("learned", "none") and ap["qkv_bias"] == "qv":  # EVA-CLIP's giants: no RoPE
+        kw = {"use_rot_pos_emb": False, "use_abs_pos_emb": pos.name == "learned",
+              "no_embed_class": not pos.params.get("include_prefix", True)}
+    else:
+        raise fail(f"position encoding '{pos.name}' (a spec without RoPE or EVA's zero key bias is timm's "
+                   "VisionTransformer)")
 
     final, fc_norm = spec.final_norm, bool(pool.params.get("norm", False))
     if pool.name == "map":
@@ -369,7 +385,7 @@ def eva_kwargs(spec: ViTSpec, ex: Exporting) -> dict[str, Any]:
         # per block, as Sapiens2's model functions pass them (num_heads in its full-attention blocks);
         # AttentionRope takes them only with q / k / v apart
         num_kv_heads=heads if gqa else None,
-        qkv_bias=ap["qkv_bias"],
+        qkv_bias=bool(ap["qkv_bias"]),  # with attn_type eva: q / v biases, the key's zero (qv)
         qkv_fused=not gqa,
         qk_norm=ap["qk_norm"],
         swiglu_mlp=swiglu,

@@ -32,10 +32,11 @@ DEIT_DISTILLED = Family(
 
 # timm's ParallelScalingBlock and DiffParallelScalingBlock: one norm, one input projection
 # [MLP fc1 | q k v], the attention's norms and lambdas in the block itself, the output projections
-# apart or fused (over [attention | MLP] features, one bias). What names cannot say is code below:
-# one layer scale serves both branches (``ls2`` equals ``ls1``), the fused output's bias serves
-# either branch (summed on export), and an MLP bias one side has and the other lacks is zero
-# (``_load_parallel``, ``_parallel_values``).
+# apart or fused (over [attention | MLP] features, one bias). Read, its one layer scale is the block's
+# ``shared_layer_scale`` and a fused output's one bias the attention's (the MLP's ``out_bias: false``).
+# What names cannot say is code below: into a spec with two layer scales timm's one serves both
+# (on export ``ls2`` must equal ``ls1``), the fused output's bias serves either branch (summed on
+# export), and an MLP bias one side has and the other lacks is zero (``_load_parallel``, ``_parallel_values``).
 PARALLEL = SplitFamily(
     "parallel", marker=r"(?!)",  # read by the vit family's load fixups, so the report keeps timm's names
     renames=(("blocks.{block}.in_norm.{rest}", "blocks.{block}.norm1.{rest}"),
@@ -84,13 +85,13 @@ class VitReader(Reader):
         if qk_norm:
             self.norm(b.q_norm, f"{where}.q_norm")
             self.norm(b.k_norm, f"{where}.k_norm")
-        if b.out_proj is not None:
+        if b.out_proj is not None:  # one output bias, the attention's; the MLP's fc2 has none
             out = self.linear(b.out_proj, f"{where}.out_proj")
-            proj_bias = out.bias is not None
+            proj_bias, mlp_out_bias = out.bias is not None, False
         else:
             a_out = self.linear(b.attn_out_proj, f"{where}.attn_out_proj")
             m_out = self.linear(b.mlp_out_proj, f"{where}.mlp_out_proj")
-            proj_bias = a_out.bias is not None
+            proj_bias = mlp_out_bias = a_out.bias is not None
             if proj_bias != (m_out.bias is not None):
                 raise self.unsupported(f"bias on only one output projection at {where}")
         attn = {"heads": b.num_heads, "proj_drop": b.mlp_drop.p,
@@ -99,13 +100,13 @@ class VitReader(Reader):
         if t is DiffParallelScalingBlock:  # the attention half is differential, its q / k split in two
             attn["name"] = "mhsa_diff"
             attn["params"].update(self.differential(b, where, i), subln=False)
-        # the MLP's fc1 always has a bias (in_proj's bias or mlp_bias); a fused or bias-free output
-        # projection loads as zeros in mlp.fc2.bias
+        # the MLP's fc1 always has a bias (in_proj's bias or mlp_bias); its fc2 one only with an
+        # output projection of its own that has one
         act = self.act(b.mlp_act, f"{where}.mlp_act")
-        mlp = {"name": "mlp", "params": {"bias": True, "norm": False, "act": act}, "hidden": hidden,
-               "drop": b.mlp_drop.p}
-        ls = self.layer_scale(b.ls, f"{where}.ls")
-        block = {"name": "parallel", "params": {"init_values": ls, "shared_norm": True}}
+        mlp = {"name": "mlp", "params": {"bias": True, "out_bias": None if mlp_out_bias else False, "norm": False,
+                                         "act": act}, "hidden": hidden, "drop": b.mlp_drop.p}
+        ls = self.layer_scale(b.ls, f"{where}.ls")  # one over the sum of both branches
+        block = {"name": "parallel", "params": {"init_values": ls, "shared_norm": True, "shared_layer_scale": True}}
         drop_path = getattr(b.drop_path, "drop_prob", 0.0)
         return BlockRead(attn, mlp, block, float(drop_path))
 
@@ -393,7 +394,7 @@ def _parallel_values(spec: ViTSpec, sd: dict[str, torch.Tensor], target) -> None
     without, vitlab's must be zero), and a fused ``out_proj`` (DiffParallelScalingBlock) one bias."""
     for i in range(spec.depth):
         p = f"blocks.{i}."
-        if p + "ls1.gamma" in sd and not torch.equal(sd[p + "ls1.gamma"], sd.pop(p + "ls2.gamma")):
+        if p + "ls2.gamma" in sd and not torch.equal(sd[p + "ls1.gamma"], sd.pop(p + "ls2.gamma")):
             raise WeightsError(f"{p}ls1.gamma and ls2.gamma differ; timm's ParallelScalingBlock has one layer scale")
         fc1, fc2 = sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc2.weight"]
         sd.setdefault(p + "mlp.fc1.bias", fc1.new_zeros(fc1.shape[0]))
@@ -445,6 +446,8 @@ def _load_parallel(plan) -> None:
     for p in blocks:
         if (ls := p + "ls.gamma") in src:
             for tkey in (PARALLEL.to_vitlab(ls), p + "ls2.gamma"):
+                if tkey not in tgt:  # shared_layer_scale: ls1 alone
+                    continue
                 plan.put(tkey, lambda ls=ls: src.get(ls), src.shape(ls), "converted", ls,
                          note="ParallelScalingBlock's one layer scale serves both branches")
         if (bias := p + "out_proj.bias") in src:
