@@ -289,8 +289,11 @@ def noisy(measured: dict[str, Any]) -> str | None:
     return "unreliable timing: " + "; ".join(wide) + " (a busy machine? measure again with more --repeats)"
 
 
-def check_device(device: str) -> None:
-    """Refuse a device nothing can be timed on (``meta`` computes nothing), in one line."""
+def check_device(device: str):
+    """The ``torch.device`` to time on, or one line refusing it: ``meta`` computes nothing, and a
+    device this machine does not have (``cuda`` without a GPU) fails a tiny allocation."""
+    import torch
+
     from .errors import VitlabError
 
     kind = str(device).split(":", 1)[0]
@@ -299,6 +302,12 @@ def check_device(device: str) -> None:
                           "measure; use cpu or cuda")
     if kind not in ("cpu", "cuda", "mps", "xpu"):
         raise VitlabError(f"--device {device}: expected cpu, cuda, cuda:N, mps or xpu")
+    try:
+        torch_device = torch.device(device)
+        torch.empty(0, device=torch_device)
+    except (RuntimeError, AssertionError) as exc:
+        raise VitlabError(f"--device {device}: {exc}") from None
+    return torch_device
 
 
 if __name__ == "__main__":

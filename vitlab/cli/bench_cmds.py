@@ -6,7 +6,7 @@ import json
 import click
 
 from ..limits import MAX_BATCH
-from ..errors import VitlabError, one_line
+from ..errors import one_line
 from . import cli, set_option
 
 
@@ -37,12 +37,7 @@ def bench(recipe, overrides, batch_size, train, use_compile, device, iters, as_j
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from ..measure import check_device
 
-    check_device(device)  # meta computes nothing: there is no time to report
-    try:
-        torch_device = torch.device(device)
-        torch.empty(0, device=torch_device)
-    except (RuntimeError, AssertionError) as exc:
-        raise VitlabError(f"--device {device}: {exc}") from None
+    torch_device = check_device(device)  # meta computes nothing: there is no time to report
     from ..analysis.memory import check_fits
 
     predicted = analyze(spec, batch_size=batch_size)
