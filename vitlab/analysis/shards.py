@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from ..errors import VitlabError, one_line, path_label
+from ..fileio import check_input
 from .memory import MAX_BATCH, MAX_BYTES
 
 MAX_SHARD_BYTES = 64 * 2**20  # 64 MiB: tens of thousands of variants
@@ -137,10 +137,9 @@ def _nesting(text: str) -> int:
 def read_shard(path: str | os.PathLike) -> list[ShardRow]:
     """The rows of one shard, checked; ``VitlabError`` (one line naming the file) if anything is off."""
     label = path_label(path)
+    check_input(path, "--merge: shard")  # a regular file: a FIFO would block, /dev/zero never end
     try:
         st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never end
-            raise VitlabError(f"--merge: {label} is not a regular file (a FIFO, device or socket)")
         if st.st_size > MAX_SHARD_BYTES:
             raise VitlabError(f"--merge: {label} is {st.st_size:,} bytes; a shard is at most {MAX_SHARD_BYTES:,} bytes")
         with open(path, "rb") as fh:
