@@ -2,6 +2,8 @@
 commands do, and the figures a command computes shown where a user looks."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 
@@ -58,10 +60,27 @@ def test_compare_fit_shows_the_batch_in_the_table():
     assert row.split("|")[-2].strip() == str(data[0]["fit"]["batch_size"])
 
 
-def test_a_budget_too_small_for_one_image_warns():
-    res = invoke_cli("flops", "vit_tiny_patch16_224", "--fit", "1MiB", "--format", "json")
-    assert res.exit_code == 0 and json.loads(res.stdout)["fit"]["batch_size"] == 0
-    assert "warning: vit_tiny_patch16_224: not even one image is predicted to fit" in res.stderr
+def test_compare_fit_is_a_csv_column_too():
+    res = invoke_cli("compare", "vit_tiny_patch16_224", "--set", "depth=1", "--fit", "1", "--format", "csv")
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    data = json.loads(invoke_cli("compare", "vit_tiny_patch16_224", "--set", "depth=1", "--fit", "1",
+                                 "--format", "json").stdout)
+    assert rows[0]["fit.budget_bytes"] == str(2**30)
+    assert rows[0]["fit.batch_size"] == str(data[0]["fit"]["batch_size"]) and int(rows[0]["fit.batch_size"]) > 1
+
+
+def test_a_budget_too_small_for_one_image_is_an_error():
+    """``--fit 1MiB`` once printed batch 0 with no warning: it is one error line naming the need."""
+    from vitlab.analysis import analyze
+
+    need = analyze("vit_tiny_patch16_224", batch_size=1).memory["train_peak_bytes"]
+    for command in ("flops", "compare"):
+        res = invoke_cli(command, "vit_tiny_patch16_224", "--fit", "1MiB", "--format", "json")
+        assert res.exit_code == 2 and not res.stdout
+        [line] = res.stderr.splitlines()
+        assert line.startswith("error: --fit 1.0 MiB: not even one image of vit_tiny_patch16_224")
+        assert f"{need / 2**20:.1f} MiB" in line, (line, need)
 
 
 def test_a_measured_comparison_splits_into_two_tables_at_80_columns(monkeypatch):

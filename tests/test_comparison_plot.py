@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from vitlab.analysis import analyze
-from vitlab.analysis.plot import LOG_SPAN, comparison_figure
+from vitlab.analysis.plot import LOG_SPAN, comparison_figure, comparison_title
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +38,13 @@ def test_a_wide_span_is_drawn_on_log_axes_with_bars_as_shares(reports):
 def test_a_narrow_span_stays_linear_in_gflops(reports):
     scatter, bars = _axes(comparison_figure(reports[:2]))
     assert scatter.get_xscale() == "linear" and bars.get_xlabel() == "GFLOPs"
+
+
+def test_the_title_names_the_comparison(reports):
+    """The title once read "vitlab compare" whatever was compared."""
+    fig = comparison_figure(reports, baseline="vit_base_patch16_224")
+    assert fig._suptitle.get_text() == "vitlab compare: 3 variants against vit_base_patch16_224"
+    swept = [f"vit_tiny[depth={d},mlp_ratio={r}]" for d in (6, 12) for r in (2, 4)]
+    assert comparison_title(swept) == ("vitlab compare: vit_tiny over depth, mlp_ratio "
+                                       "(4 variants, against depth=6,mlp_ratio=2)")
+    assert comparison_title(swept, swept[3]).endswith("against depth=12,mlp_ratio=4)")

@@ -500,6 +500,7 @@ def test_round_trip_spec_is_unchanged():
     ({"pool.name": "avg", "pool.params.norm": True}, "both a final norm and a norm after average pooling"),
     ({"pre_norm": True}, "patch-embedding bias together with pre_norm"),
     ({"attention.params.proj_bias": False}, "MLP bias without attention output bias"),
+    ({"mlp.params.out_bias": False}, "an MLP output bias other than its input bias"),  # not a parallel block
     ({"pos_embed.name": "sincos2d", "dynamic_img_size": True}, "sincos2d with dynamic_img_size"),
 ])
 def test_timm_kwargs_names_what_timm_cannot_express(overrides, why):

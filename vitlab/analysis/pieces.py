@@ -385,18 +385,26 @@ def check_inference_fits(spec, batch_size: int, device: str = "cpu") -> None:
     check_fits(memory["infer_peak_bytes"], f"{spec.name} at batch {batch_size}", device=device)
 
 
+def train_peak(spec, batch: int, dtype: str = "fp32", grad_checkpointing: bool = False,
+               cache: PieceCache | None = None, model=None) -> int:
+    """The predicted ``train_peak_bytes`` of ``spec`` at this batch size."""
+    from ..recipes import build_model
+    from .memory import DTYPES
+
+    model = model if model is not None else build_model(spec, device="meta")
+    H, W = spec.img_hw
+    cache = cache if cache is not None else PieceCache()
+    memory, _ = predict_vit(model, (batch, spec.in_chans, H, W), DTYPES[dtype], grad_checkpointing, cache)
+    return memory["train_peak_bytes"]
+
+
 def largest_batch(spec, budget: int, dtype: str = "fp32", grad_checkpointing: bool = False,
                   cache: PieceCache | None = None) -> int:
     """The largest training batch of ``spec`` whose predicted ``train_peak_bytes`` fits ``budget``."""
     from ..recipes import build_model
-    from .memory import DTYPES, largest_fitting_batch
+    from .memory import largest_fitting_batch
 
     model = build_model(spec, device="meta")
-    H, W = spec.img_hw
     cache = cache if cache is not None else PieceCache()
-
-    def peak(batch: int) -> int:
-        memory, _ = predict_vit(model, (batch, spec.in_chans, H, W), DTYPES[dtype], grad_checkpointing, cache)
-        return memory["train_peak_bytes"]
-
-    return largest_fitting_batch(peak, budget)
+    return largest_fitting_batch(lambda batch: train_peak(spec, batch, dtype, grad_checkpointing, cache, model),
+                                 budget)

@@ -25,6 +25,18 @@ def short_labels(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def comparison_title(names: Sequence[str], baseline: str | None = None) -> str:
+    """What the picture compares: ``vitlab compare: vit_tiny over depth, mlp_ratio (6 variants,
+    against depth=12,mlp_ratio=4)`` for a sweep, ``vitlab compare: 3 variants against vit_tiny`` otherwise."""
+    base = baseline if baseline is not None else (names[0] if names else "")
+    labels = short_labels(names)
+    if labels != list(names):  # one recipe swept: name it and the keys that vary
+        keys = dict.fromkeys(part.split("=", 1)[0] for label in labels for part in label.split(",") if "=" in part)
+        stem, base = names[0].split("[", 1)[0], labels[list(names).index(base)] if base in names else base
+        return f"vitlab compare: {stem} over {', '.join(keys)} ({len(names)} variants, against {base})"
+    return f"vitlab compare: {len(names)} variants against {base}"
+
+
 LOG_SPAN = 20.0  # data spanning more than this factor is drawn on log axes
 
 
@@ -63,7 +75,6 @@ def comparison_figure(reports: Sequence[Report], baseline: str | None = None):
     n = len(reports)
     names = [r.name for r in reports]
     labels = short_labels(names)
-    common = names[0].split("[", 1)[0] if labels != names else None
     # names on the scatter when they are few and short, numbers (keyed by the bar chart) otherwise
     numbered = n > 8 or max(len(s) for s in labels) > 30
     bar_h = 0.32 * n + 1.3
@@ -142,7 +153,7 @@ def comparison_figure(reports: Sequence[Report], baseline: str | None = None):
     ax2.grid(True, axis="x", alpha=0.3)
     ax2.set_axisbelow(True)
 
-    fig.suptitle("vitlab compare" + (f": {common}" if common else ""), fontsize=12)
+    fig.suptitle(comparison_title(names, baseline), fontsize=12)
     if any(r.derived for r in reports):
         fig.text(0.99, 0.005, "* derived: distinct blocks counted once and scaled", ha="right", fontsize=7.5, color="#555555")
     return fig

@@ -112,6 +112,8 @@ class Report:
         for k in ("infer_ms", "train_step_ms", "infer_peak_bytes", "train_peak_bytes"):
             if self.measured:
                 row[f"measured.{k}"] = self.measured.get(k)
+        if self.fit:  # --fit: the budget and the largest training batch predicted to fit in it
+            row.update({f"fit.{k}": v for k, v in self.fit.items()})
         row["unsupported"] = ";".join(f"{k}:{v}" for k, v in sorted(self.unsupported.items()))
         row["derived"] = self.derived
         return row

@@ -83,20 +83,23 @@ def _fit_budget(fit: str | None) -> int | None:
 def _add_fit(reports, specs, budget: int, size) -> None:
     """``report.fit = {budget_bytes, batch_size}``: the largest training batch predicted to fit."""
     from ..analysis.memory import human
-    from ..analysis.pieces import PieceCache, largest_batch
+    from ..analysis.pieces import PieceCache, largest_batch, train_peak
     from ..recipes import load_spec
     from ..spec import as_pair
 
     cache = PieceCache()
+    short = []
     for report, spec in zip(reports, specs):
         if size is not None:
             spec = load_spec(spec, overrides={"img_size": list(as_pair(size))})
         report.fit = {"budget_bytes": budget,
                       "batch_size": largest_batch(spec, budget, report.dtype, report.grad_checkpointing, cache)}
-        if report.fit["batch_size"] == 0:  # not a batch size: say so rather than print 0 quietly
-            click.echo(f"warning: {one_line(report.name)}: not even one image is predicted to fit in --fit "
-                       f"{human(budget)} (training at batch {report.batch_size} is predicted to need "
-                       f"{human(report.memory.get('train_peak_bytes'))})", err=True)
+        if report.fit["batch_size"] == 0:  # not a batch size: an error rather than a quiet 0
+            one = train_peak(spec, 1, report.dtype, report.grad_checkpointing, cache)
+            short.append(f"--fit {human(budget)}: not even one image of {one_line(report.name)} is predicted to fit "
+                         f"(training at batch 1 is predicted to need {human(one)}); give a larger budget")
+    if short:
+        raise VitlabError("\n".join(short))
 
 
 @cli.command()

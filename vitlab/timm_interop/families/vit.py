@@ -276,6 +276,9 @@ def vit_kwargs(spec: ViTSpec, ex: Exporting) -> dict[str, Any]:
         # timm's Mlp bias follows proj_bias; a bias timm has but vitlab lacks loads as zeros
         if mlp.params.get("bias", True) and not ap.get("proj_bias", True):
             raise fail("MLP bias without attention output bias (timm ties both to proj_bias)")
+        if mlp.params.get("out_bias") not in (None, mlp.params.get("bias", True)):
+            raise fail("an MLP output bias other than its input bias (timm's Mlp has both or neither; only "
+                       "ParallelScalingBlock drops the MLP's output bias)")
 
     if pe.name not in ("conv", "linear"):
         raise fail(f"patch embedding '{pe.name}'")
