@@ -128,13 +128,15 @@ def test_components_that_need_the_grid_name_the_block_that_lost_it(changes, matc
 
 # --- the CLI: one line at build, and the real tokens per block ----------------------------------------
 
-def test_build_refuses_rope_after_merging_in_one_line(tmp_path):
+def test_build_and_validate_refuse_rope_after_merging_in_one_line(tmp_path):
     recipe = tmp_path / "merge.yaml"
     recipe.write_text("extends: vit_tiny_patch16_224\nname: merge\ndepth: 4\n"
                       "layers: [{at: 0, block: {name: pair_merge, params: {r: 8}}}]\n")
     with vitlab.use_registry(REGISTRY):
         line = one_error(invoke_cli("build", recipe, "--set", "pos_embed.name=rope"))
         assert "attention in block 1 needs pos_embed 'rope'" in line and "block 0 (block 'pair_merge'" in line
+        assert one_error(invoke_cli("validate", recipe, "--set", "pos_embed.name=rope")) == line
+        assert invoke_cli("validate", recipe).exit_code == 0
         res = invoke_cli("build", recipe)
     assert res.exit_code == 0, res.output
     rows = [" ".join(line.strip("│ ").split()) for line in res.output.splitlines() if "stage 0" in line]

@@ -78,11 +78,13 @@ def _load(recipe: str, overrides: tuple[str, ...]):
 @click.argument("recipes", nargs=-1, required=True)
 @set_option
 def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
-    """Check RECIPES; exit 0 when all are valid, else print one line per problem and exit 2."""
+    """Check RECIPES (the spec, then one image through its model on the meta device); exit 0 when all
+    are valid, else print one line per problem and exit 2."""
     problems: list[str] = []
     for recipe in recipes:
         try:
             spec = _load(recipe, overrides)
+            _trace_on_meta(spec)
         except VitlabError as exc:
             problems.extend(exc.lines())
         else:
@@ -91,6 +93,18 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
         for line in problems:
             click.echo(f"error: {line}", err=True)
         sys.exit(2)
+
+
+def _trace_on_meta(spec) -> None:
+    """One image through ``spec``'s model on the meta device (nothing allocated): what only a forward
+    can tell, such as a block that needs positions a merging block before it lost, is refused here."""
+    import torch
+
+    from ..recipes import build_model
+
+    model = build_model(spec, device="meta").eval()
+    with torch.no_grad():
+        model(torch.zeros(1, spec.in_chans, *spec.img_hw, device="meta"))
 
 
 @cli.command()
