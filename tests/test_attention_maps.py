@@ -6,7 +6,8 @@ import torch
 from click.testing import CliRunner
 
 import vitlab
-from vitlab.maps import attention_maps, attention_rollout, patch_heatmap, recording
+from vitlab.maps import (AttentionRecord, attention_maps, attention_rollout, nest_matrix, patch_heatmap,
+                         record_attention, recording, staged_rollout)
 from vitlab.cli import cli, load_commands
 from vitlab.component import Attention
 from vitlab.images import procedural_image, save_png
@@ -76,6 +77,47 @@ def test_rollout_discard_and_head_fusion():
     torch.testing.assert_close(mn, torch.tensor([[0.75, 0.0], [0.1, 0.7]]) / torch.tensor([[0.75], [0.8]]))
     with pytest.raises(vitlab.VitlabError, match="head_fusion"):
         attention_rollout([heads], head_fusion="median")
+
+
+def test_nest_matrix_averages_each_cell_and_carries_prefix_tokens():
+    # a 3x3 grid merged 2x2 with padding (Swin) into 2x2, one class token: written out by hand
+    m = nest_matrix((3, 3), (2, 2), 1)
+    want = torch.zeros(5, 10)
+    want[0, 0] = 1.0
+    cells = {1: [0, 1, 3, 4], 2: [2, 5], 3: [6, 7], 4: [8]}  # output patch -> input patches (row-major)
+    for out, ins in cells.items():
+        want[out, [1 + i for i in ins]] = 1.0 / len(ins)
+    torch.testing.assert_close(m, want)
+    assert nest_matrix((5, 5), (4, 4), 0) is None and nest_matrix((4, 4), (4, 4), 0) is None
+
+
+def test_staged_rollout_joins_stages_through_the_nest():
+    """Two stages, 2x2 -> 1x1 without prefix: rollout = R2 @ M @ R1, computed here by hand."""
+    a1 = torch.tensor([[0.4, 0.2, 0.2, 0.2], [0.1, 0.7, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.5, 0.5]])
+    r1 = (a1 + torch.eye(4)) / 2  # rows already sum to 1
+    records = [AttentionRecord(a1[None, None], (2, 2), 0, 0, 0),
+               AttentionRecord(torch.ones(1, 1, 1, 1), (1, 1), 0, 1, 1)]
+    rolled, used = staged_rollout(records)
+    torch.testing.assert_close(rolled[0], (r1.mean(dim=0, keepdim=True)))  # one token: R2 = 1, M = mean
+    assert used == [0, 1]
+    records[1] = AttentionRecord(torch.ones(1, 1, 1, 1), None, 0, 1, 1)  # merged off the grid: only the last run
+    assert staged_rollout(records)[1] == [1]
+
+
+def test_swin_rolls_out_through_every_stage_on_the_full_grid():
+    """Swin-T at 32 px (8x8 -> 4x4 -> 2x2 -> 1x1; 7x7 windows pad the 8x8 grid): each block's windowed
+    map is given back on its full grid, and rollout composes all four stages into (B, 1, 64)."""
+    spec = vitlab.load_spec("swin_tiny", {"img_size": 32})
+    model = vitlab.build_model(spec).eval()
+    records = record_attention(model, torch.randn(1, 3, 32, 32))
+    assert [r.map.shape[-1] for r in records] == [64] * 2 + [16] * 2 + [4] * 6 + [1] * 2
+    for r in records:  # a row's share that went to the zero padding (as in timm) is not on the image
+        sums = r.map.sum(dim=-1)
+        assert (sums <= 1 + 1e-5).all() and (sums > 0).all()
+    rolled, used = staged_rollout(records)
+    assert used == list(range(12)) and rolled.shape == (1, 1, 64)
+    torch.testing.assert_close(rolled.sum(dim=-1), torch.ones(1, 1))
+    assert patch_heatmap(rolled, records[0].grid, 0, False).shape == (1, 8, 8)
 
 
 def test_patch_heatmap_uses_class_row_or_mean():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +37,8 @@ def attention_figure(
     panels = 1 + len(heatmaps)
     cols = min(columns, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.75 * rows + 0.5), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.75 * rows + 0.5), squeeze=False,
+                             layout="constrained")  # constrained: room for a wrapped title above the panels
     rgb = image.permute(1, 2, 0).cpu().numpy()
     size = tuple(image.shape[-2:])
     for ax in axes.flat:
@@ -46,9 +48,8 @@ def attention_figure(
     for ax, heat, label in zip(list(axes.flat)[1:], heatmaps, labels):
         ax.imshow(rgb)
         ax.imshow(upsample(heat, size).cpu().numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-        ax.set_title(label, fontsize=10)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+        ax.set_title("\n".join(textwrap.wrap(label, 30)), fontsize=10)  # a panel is ~30 characters wide
+    fig.suptitle("\n".join(textwrap.wrap(title, int(22 * cols))), fontsize=11)
     return fig
 
 

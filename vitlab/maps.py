@@ -172,6 +172,55 @@ def attention_rollout(
     return result
 
 
+def nest_matrix(grid_in: tuple[int, int], grid_out: tuple[int, int], num_prefix: int,
+                dtype=torch.float32, device=None) -> torch.Tensor | None:
+    """How the tokens after a stage change draw on those before it, where the grids nest:
+    (P + N_out, P + N_in), each patch token of ``grid_out`` an equal average of the ``fh x fw``
+    cell of ``grid_in`` it covers (patch merging, strided pooling; a padded edge cell averages the
+    tokens it has), prefix tokens carried one to one. ``None`` when the grids do not nest."""
+    (h1, w1), (h2, w2) = grid_in, grid_out
+    fh, fw = -(-h1 // h2), -(-w1 // w2)  # the cell: ceil, so a grid padded to whole cells still nests
+    if (-(-h1 // fh), -(-w1 // fw)) != (h2, w2) or (fh, fw) == (1, 1):
+        return None
+    rows, cols = torch.meshgrid(torch.arange(h1, device=device), torch.arange(w1, device=device), indexing="ij")
+    parent = (rows // fh * w2 + cols // fw).flatten()  # (N_in,): the output patch each input patch joins
+    m = torch.zeros(num_prefix + h2 * w2, num_prefix + h1 * w1, dtype=dtype, device=device)
+    m[num_prefix + parent, num_prefix + torch.arange(h1 * w1, device=device)] = 1.0
+    m[torch.arange(num_prefix), torch.arange(num_prefix)] = 1.0
+    return m / m.sum(dim=-1, keepdim=True)
+
+
+def staged_rollout(records: list[AttentionRecord], head_fusion: Literal["mean", "max", "min"] = "mean",
+                   discard_ratio: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+    """Rollout through as many stages as nest, ending at the last token-to-token run: each run of
+    one grid rolled out (``attention_rollout``), joined to the one before by ``nest_matrix`` where
+    its grid nests in the previous one (Swin's patch merging: 56x56 -> 28x28 -> ...). Returns the
+    (B, N_last, N_first) joint attention and the indices of the records it composed."""
+    square = [run for run in stages([r.map for r in records])
+              if records[run[0]].map.shape[-2] == records[run[0]].map.shape[-1]]
+    if not square:
+        raise VitlabError("no block attends token to token (every map has fewer queries than keys): "
+                          "nothing to roll out; draw single-layer maps without --rollout")
+    runs = [square[-1]]
+    for run in reversed(square[:-1]):  # walk back while each earlier run is the one right before and nests
+        before, after = records[run[-1]], records[runs[0][0]]
+        if (run[-1] + 1 != runs[0][0] or before.grid is None or after.grid is None
+                or before.num_prefix != after.num_prefix
+                or nest_matrix(before.grid, after.grid, before.num_prefix) is None):
+            break
+        runs.insert(0, run)
+    result = None
+    for run in runs:
+        rolled = attention_rollout([records[i].map for i in run], head_fusion, discard_ratio)  # (B, N, N)
+        if result is not None:
+            prev = records[run[0] - 1]
+            nest = nest_matrix(prev.grid, records[run[0]].grid, prev.num_prefix, rolled.dtype, rolled.device)
+            result = rolled @ (nest @ result)  # (B, N_run, N_first)
+        else:
+            result = rolled
+    return result, [i for run in runs for i in run]
+
+
 def patch_heatmap(
     attn: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int, class_token: bool
 ) -> torch.Tensor:

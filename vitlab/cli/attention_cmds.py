@@ -88,7 +88,7 @@ def attention(recipe, image_path, weights, layer, head, rollout, head_fusion, di
     """Draw RECIPE's attention on IMAGE: heatmaps per head or per layer, or the rollout."""
     import torch
 
-    from ..maps import attention_rollout, patch_heatmap, record_attention, stages
+    from ..maps import patch_heatmap, record_attention, staged_rollout
     from ..attention_plot import attention_figure, save_figure
     from ..fileio import atomic_write, check_writable
     from ..images import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize, resize_center_crop
@@ -115,17 +115,14 @@ def attention(recipe, image_path, weights, layer, head, rollout, head_fusion, di
 
     depth = len(records)
     if rollout:
-        # rollout composes square maps of one token count: the last such run (a stage); a class
-        # attention stage's (1 x N) maps come after it and cannot be composed
-        runs = [run for run in stages([r.map for r in records]) if records[run[0]].map.shape[-2] == records[run[0]].map.shape[-1]]
-        if not runs:
-            raise VitlabError("no block attends token to token (every map has fewer queries than keys): "
-                              "nothing to roll out; draw single-layer maps without --rollout")
-        run = runs[-1]
-        last = records[run[-1]]
-        rolled = attention_rollout([records[i].map for i in run], head_fusion, discard_ratio)
-        span = "" if len(run) == depth else f", blocks {run[0]}-{run[-1]} (stage {last.stage_index})"
-        panels = [(heat(last, rolled), f"rollout ({head_fusion}, discard {discard_ratio:g}){span}")]
+        # rollout composes token-to-token maps: through every stage whose grid nests in the one before
+        # (patch merging, pooling), ending at the last such run; class attention's (1 x N) maps cannot
+        rolled, used = staged_rollout(records, head_fusion, discard_ratio)
+        last, first = records[used[-1]], records[used[0]]
+        panel = heat(first, rolled)  # (B, N_last, N_first): drawn on the first stage's grid, the finest
+        span = "" if len(used) == depth else f", blocks {used[0]}-{used[-1]}"
+        stages_text = "" if first.stage_index == last.stage_index else f" through stages {first.stage_index}-{last.stage_index}"
+        panels = [(panel, f"rollout ({head_fusion}, discard {discard_ratio:g}){span}{stages_text}")]
     else:
         layers = list(range(depth)) if layer == "all" else [_index(layer, depth, "--layer")]
         heads = min(records[li].map.shape[1] for li in layers)  # stages may differ in heads
