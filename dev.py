@@ -51,11 +51,12 @@ def ensure_env(with_tests: bool) -> None:
     stamp.write_text(digest.hexdigest())
 
 
-# The bundled recipes in two comparisons: the standard sizes (and the hierarchical Swin-T) against
+# The bundled recipes in two comparisons: the standard sizes (and the hierarchical Swin-T, Hiera-T and PVTv2-B0) against
 # ViT-B/16, and the one-axis ViT-Tiny variants against ViT-Tiny (what does swapping X for Y cost?).
 COMPARISONS = {
     "models": ("vit_base_patch16_224", ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
-                                        "vit_large_patch16_224", "vit_huge_patch14_224", "vit_22b", "swin_tiny"]),
+                                        "vit_large_patch16_224", "vit_huge_patch14_224", "vit_22b", "swin_tiny",
+                                        "hiera_tiny", "pvt_v2_b0"]),
     "tiny_variants": ("vit_tiny_patch16_224", ["vit_tiny_patch16_224", "vit_tiny_*", "pit_ti_like"]),
 }
 

@@ -36,6 +36,8 @@ N_TOKENS = 1 + 1 + TINY_PATCHES  # class + register + 4 x 4 patches
 COMPAT: dict[tuple[str, str], dict] = {
     ("patch_embed", "conv_stem"): {"patch_embed": {"name": "conv_stem", "params": {"channels": [8, 16, 32]}}},
     ("attention", "window"): {"attention": {"name": "window", "params": {"window_size": 2}}},
+    ("patch_embed", "overlap"): {"patch_embed": {"name": "overlap", "params": {"padding": 0}}},  # the 4x4 grid
+    ("mlp", "conv_mlp"): {"block": "prenorm_grid"},  # the block that hands its MLP the grid
 }
 # Tried in turn when the plain selection does not validate (e.g. a pool without a class token).
 FALLBACKS = [{"class_token": False, "pool": "avg"}, {"pool": "avg"}, {"embed_dim": 64, "num_heads": 4}]
@@ -52,6 +54,13 @@ INERT: dict[tuple[str, str, str], str] = {
     ("patch_embed", "linear", "pad"): _NOTHING_TO_PAD,
     ("patch_embed", "naflex", "pad"): _NOTHING_TO_PAD,
     ("patch_embed", "linear_pixnorm", "pad"): _NOTHING_TO_PAD,
+    ("transition", "conv_embed", "in_norm"): "a flat tiny model has no stages, so no transition (tests/test_pvt.py)",
+    ("transition", "q_pool", "residual"): "a flat tiny model has no stages, so no transition (tests/test_hiera.py)",
+    ("transition", "levit_subsample", "act"): "a flat tiny model has no stages, so no transition (tests/test_levit.py)",
+    ("transition", "levit_subsample", "conv"): "a flat tiny model has no stages, so no transition (tests/test_levit.py)",
+    ("transition", "patch_merge", "norm_last"): "a flat tiny model has no stages, so no transition (tests/test_swin_v2.py)",
+    ("transition", "conv_pool", "padding"): "a flat tiny model has no stages, so no transition (tests/test_nest.py)",
+    ("transition", "conv_pool", "pos_embed"): "a flat tiny model has no stages, so no transition (tests/test_nest.py)",
     ("pos_embed", "naflex", "ar_preserving"): "the test's 4x4 grid is square: the square of its longer side is itself",
 }
 # Params a switch needs before it can show, given to both builds (default and flipped).
@@ -59,6 +68,8 @@ PROBES: dict[tuple[str, str, str], dict] = {
     ("pool", "map", "reduce"): {"latent_len": 2},  # with one latent, the first latent is the mean
     ("pos_embed", "rope", "include_prefix"): {"learned": True},  # which tokens the learned table covers
     ("block", "prenorm", "attn_only_layer_scale"): {"init_values": 0.1},  # which branches the layer scale covers
+    ("block", "prenorm_grid", "attn_only_layer_scale"): {"init_values": 0.1},
+    ("block", "prenorm_peg", "attn_only_layer_scale"): {"init_values": 0.1},
     ("block", "parallel", "shared_layer_scale"): {"init_values": 0.1},  # one layer scale or two
 }
 

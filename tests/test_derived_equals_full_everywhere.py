@@ -32,9 +32,14 @@ REGISTRY = _registry()
 COMPONENTS = [(c.kind, c.name) for c in REGISTRY.components()]
 
 
+# what a component needs besides being selected: conv_mlp runs in the block that hands it the grid
+NEEDS: dict[tuple[str, str], dict] = {("mlp", "conv_mlp"): {"block": "prenorm_grid"}}
+
+
 def _spec(kind: str, name: str):
     """The smallest recipe that runs ``name``: in the tiny model, else with what it asks for."""
-    tries = [{**BASE, kind: name}, {**BASE, kind: name, "pos_embed": "none"}, {**BASE, kind: name, "img_size": 64},
+    need = NEEDS.get((kind, name), {})
+    tries = [{**BASE, **need, kind: name}, {**BASE, kind: name, "pos_embed": "none"}, {**BASE, kind: name, "img_size": 64},
              {**STAGED, "transition": name, "pos_embed": "none"} if kind == "transition" else None,
              {**BASE, kind: name, "class_token": False, "pool": "avg"}]
     for data in filter(None, tries):

@@ -49,6 +49,20 @@ COVERAGE = {  # every family of zoo.FAMILIES, in its order
     "gemma4_vit": Expect(),
     "deepseek_vit": Expect(),
     "swin_transformer": Expect(total=9, reads=("swin_tiny_patch4_window7_224", "swin_s3_tiny_224")),  # shifted windows
+    "swin_transformer_v2": Expect(total=12, reads=("swinv2_tiny_window8_256", "swinv2_base_window12to16_192to256")),
+    # cosine attention, continuous position bias; v2-cr's extra norms every N blocks and at the end of stages
+    "swin_transformer_v2_cr": Expect(total=16, reads=("swinv2_cr_tiny_224", "swinv2_cr_tiny_ns_224",
+                                                      "swinv2_cr_huge_224")),
+    "pvt_v2": Expect(total=7, reads=("pvt_v2_b0", "pvt_v2_b2_li")),  # spatial-reduction attention, conv MLP
+    "twins": Expect(total=6, reads=("twins_pcpvt_small", "twins_svt_small")),  # locally-grouped and sub-sampled attention
+    # 128s, 192, 384: a stage whose width its heads do not divide (LeViT's heads are key_dim wide)
+    "levit": Expect(total=20, reads=("levit_128", "levit_conv_128", "levit_128s", "levit_conv_384_s8")),
+    # 1 refused: mvitv2_large widens the tokens in the MLP of a stage's last block (expand_attn=False)
+    "mvitv2": Expect(total=8, refused={"expand_attn=False": 1}, reads=("mvitv2_tiny", "mvitv2_small_cls")),
+    "hiera": Expect(total=8, reads=("hiera_tiny_224", "hiera_small_abswin_256")),  # q-pooling, mask units
+    # per-stage windows padded to whole windows, global blocks among them, abswin without antialiasing
+    "hieradet_sam2": Expect(total=5, reads=("sam2_hiera_tiny", "sam2_hiera_large", "hieradet_small")),
+    "nest": Expect(total=6, reads=("nest_tiny", "nest_tiny_jx")),  # attention within blocks, conv-pool aggregation
 }
 
 
@@ -70,3 +84,29 @@ def test_family_reads_and_goes_back_to_timm(family, zoo_coverage):
 def test_markdown_table_lists_families_and_totals(zoo_coverage):
     text = zoo.markdown([zoo_coverage("deit")])
     assert "| `deit` | 16 / 16 | 16 / 16 |" in text and "**16 / 16**" in text and timm.__version__ in text
+
+
+# The README's table of timm's hierarchical families: its rows, the timm modules each row counts
+README_ROWS = {
+    "Swin v1, v2, v2-cr · Hiera, SAM 2 Hiera · PVTv2, Twins · NesT · LeViT": (
+        "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr", "hiera", "hieradet_sam2", "pvt_v2",
+        "twins", "nest", "levit"),
+    "MViTv2": ("mvitv2",), "DaViT": ("davit",), "GCViT": ("gcvit",), "TinyViT": ("tiny_vit",), "CoaT": ("coat",),
+    "VOLO": ("volo",), "CrossViT, TNT": ("crossvit", "tnt"),
+}
+
+
+def test_readme_table_of_hierarchical_families_is_true(zoo_coverage):
+    """The README's counts: read from the coverage of the families vitlab reads, totals from timm's
+    own model list per module (148 in timm 1.0.31, the issue's count)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    read_all = total_all = 0
+    for row, modules in README_ROWS.items():
+        total = sum(len(timm.list_models(module=m)) for m in modules)
+        read = sum(zoo_coverage(m).read for m in modules if m in zoo.FAMILIES)
+        assert re.search(rf"\| {re.escape(row)} \| {read} / {total} \|", readme), (row, read, total)
+        read_all, total_all = read_all + read, total_all + total
+    assert f"{read_all} of its {total_all} hierarchical ones" in " ".join(readme.split()), (read_all, total_all)

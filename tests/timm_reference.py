@@ -9,6 +9,7 @@ coverage (``family_coverage``) and fvcore's count of a timm model (``fvcore_flop
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 from torch import nn
@@ -123,13 +124,21 @@ _FVCORE: dict[tuple, int] = {}
 
 def _count_fvcore(name: str, img_hw, **kw) -> int:
     import timm
+
+    return fvcore_flops_of(lambda: timm.create_model(name, pretrained=False, **kw), img_hw)
+
+
+def fvcore_flops_of(build: Callable[[], nn.Module], img_hw) -> int:
+    """fvcore's FLOPs of the timm model ``build()`` makes (a model class with its own config, where
+    ``create_model`` merges arguments of its own), built with fused attention off as in ``fvcore_flops``."""
+    import timm
     from fvcore.nn import FlopCountAnalysis
 
     config = timm.layers.config
     saved = config._USE_FUSED_ATTN
     timm.layers.set_fused_attn(False)
     try:
-        tm = timm.create_model(name, pretrained=False, **kw).eval()
+        tm = build().eval()
     finally:
         config._USE_FUSED_ATTN = saved
     assert not any(getattr(m, "fused_attn", False) for m in tm.modules())

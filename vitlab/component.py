@@ -138,6 +138,9 @@ class Attention(Component):
     # False: no place for an additive bias over token pairs (XCiT's channel attention); a recipe
     # whose position encoding gives one is refused when it validates
     takes_attn_bias: ClassVar[bool] = True
+    # True: heads split the width (head_dim = embed_dim / num_heads), so the spec refuses a width
+    # its heads do not divide; False: each head has a width of its own (LeViT's key_dim)
+    splits_width: ClassVar[bool] = True
 
     def __init__(self, ctx: BuildContext, params: Any):
         super().__init__(ctx, params)

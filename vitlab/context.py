@@ -17,7 +17,8 @@ class BuildContext:
 
     Args:
         embed_dim: token width D.
-        num_heads: attention heads; ``embed_dim % num_heads == 0`` is checked by the spec.
+        num_heads: attention heads; ``embed_dim % num_heads == 0`` is checked by the spec where the
+            attention splits the width (``Attention.splits_width``).
         mlp_hidden_dim: hidden width of the MLP, ``int(embed_dim * mlp_ratio)``.
         img_size: input image (height, width) in pixels.
         patch_size: patch (height, width) in pixels.

@@ -3,8 +3,8 @@
 Global sizes are plain fields; each architectural axis is a ``ComponentSpec`` (``{name, params}``,
 see ``vitlab.selection``) whose params are validated against the registered component's own
 ``Params`` model, with defaults filled in so that a dumped spec is complete; ``layers`` and
-``stages`` override them per block and per stage. Cross-field constraints (width divisible by heads,
-patch grid, each component's own ``check``) run at validation time, not at build time.
+``stages`` override them per block and per stage. Cross-field constraints (width divisible by heads
+where the attention splits it, patch grid, each component's own ``check``) run at validation time.
 
 Names are looked up in the registry given in pydantic's validation context
 (``ViTSpec.model_validate(data, context={"registry": reg})``); the spec keeps that registry
@@ -14,17 +14,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    StrictBool,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic_core import InitErrorDetails
 
 from .kinds import BLOCK_KINDS, KINDS
@@ -179,9 +170,6 @@ class ViTSpec(BaseModel):
         registry, errors, out = _context_registry(info), [], []
         default = info.data.get("transition")
         for i, stage in enumerate(stages):
-            if stage.embed_dim % stage.num_heads:
-                errors.append(error_detail((i, "num_heads"), f"embed_dim {stage.embed_dim} is not divisible by "
-                                                       f"num_heads {stage.num_heads}", stage.num_heads))
             if i == 0 and stage.transition is not None:
                 errors.append(error_detail((0, "transition"), "the first stage follows the patch embedding: it has "
                                                         "no transition (give transitions to later stages)"))
@@ -275,12 +263,8 @@ class ViTSpec(BaseModel):
         errors = self._size_errors()
         if errors:  # nothing below is safe to size with these
             raise_errors(errors)
-        if self.embed_dim % self.num_heads:
-            errors.append(error_detail(
-                ("num_heads",),
-                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
-                self.num_heads,
-            ))
+        registry = _context_registry(info)
+        errors += self._head_split_errors(registry)
         if self.stages is not None:
             for key, want in (("depth", sum(st.depth for st in self.stages)),
                               ("embed_dim", self.stages[-1].embed_dim), ("num_heads", self.stages[-1].num_heads)):
@@ -288,7 +272,6 @@ class ViTSpec(BaseModel):
                     what = "the sum of the stages' depths" if key == "depth" else f"the last stage's {key}"
                     errors.append(error_detail((key,), f"{getattr(self, key)} disagrees with {what}, {want} "
                                                  "(leave it out: stages imply it)", getattr(self, key)))
-        registry = _context_registry(info)
         try:
             contexts = self.stage_contexts(registry, device="meta")
         except ValueError as exc:  # the patch embedder's grid check, or a transition's
@@ -299,6 +282,17 @@ class ViTSpec(BaseModel):
         raise_errors(errors)
         self._registry = registry
         return self
+
+    def _head_split_errors(self, registry: Registry) -> list[InitErrorDetails]:
+        """A width its heads do not divide, where the stage's attention splits the width among them."""
+        sizes = [((), self.embed_dim, self.num_heads, None)] if self.stages is None else [
+            (("stages", i), st.embed_dim, st.num_heads, i) for i, st in enumerate(self.stages)]
+        if all(d % h == 0 for _, d, h, _ in sizes):
+            return []
+        splitting = {p.stage if self.stages is not None else None for p in self.block_plans()
+                     if registry.get("attention", p.selections["attention"].name).cls.splits_width}
+        return [error_detail((*loc, "num_heads"), f"embed_dim {d} is not divisible by num_heads {h}", h)
+                for loc, d, h, stage in sizes if d % h and stage in splitting]
 
     def _check_components(self, registry: Registry, contexts: list[BuildContext]) -> list[InitErrorDetails]:
         """Each used selection's own ``check`` in the context it is built in (once per distinct

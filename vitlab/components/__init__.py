@@ -15,13 +15,20 @@ from . import convit  # ConViT
 from . import hybrid  # hybrid CNN stems (timm's HybridEmbed)
 from . import diff_attention  # differential attention (timm DiffAttention)
 from . import glu, pixel_norm, qkv_norm, sandwich, vlm_pool, vlm_pos  # VLM towers: Qwen3-VL, Gemma 4, DeepSeek
+from . import swin_v2  # Swin v2 and v2-cr: continuous position bias, cosine attention, norm3 blocks
+from . import pvt  # PVTv2: spatial-reduction attention, conv MLP, overlapping patch embedding
+from . import twins  # Twins: CPVT's position generator after each stage's first block
+from . import levit  # LeViT: BN-linear attention with offset biases, subsample transition, conv stem
+from . import mvit  # MViTv2: pooling attention, pooling block transition, padded conv stem
+from . import hiera  # Hiera and SAM 2's Hiera: q-pooling transition, absolute-window positions
+from . import nest  # NesT: block aggregation (conv, norm, max pool) with a position table per level
 
 vitlab_api = VITLAB_API  # the built-ins are a plugin like any other
 
 MODULES = (patch_embed, pos_embed, rope, attention, subln, relpos, mlp, norm, block, pool, map_pool, distilled,
            transition, window, class_attention, talking_heads, xcit_stem, fourier, xcit, naflex, sam, convit,
            hybrid, diff_attention,
-           vlm_pos, vlm_pool, pixel_norm, qkv_norm, glu, sandwich)
+           vlm_pos, vlm_pool, pixel_norm, qkv_norm, glu, sandwich, swin_v2, pvt, twins, levit, mvit, hiera, nest)
 
 
 @hookimpl

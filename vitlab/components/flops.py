@@ -64,6 +64,11 @@ FREE_OPS: dict[str, str] = {
     "aten::avg_pool2d": "average pooling (ResNet-D's downsampling shortcut): additions only; fvcore does not count it",
     "aten::ceil": _SCALE,  # TF 'SAME' padding computed from the input size
     "aten::reshape_as": _MEM,
+    "aten::tile": _MEM,  # abswin's window position table repeated over the grid (Hiera, SAM 2)
+    "aten::hardswish": _ACT,  # LeViT
+    # Swin v2's cosine attention: its learned logit scale, exp(min(s, ln 100)), per head
+    "aten::exp": "exponential of a per-head logit scale (Swin v2's cosine attention): elementwise; fvcore does "
+                 "not count it",
 }
 """Operators counted as 0 FLOPs on purpose. fvcore's own ``_IGNORED_OPS`` (reshapes, copies,
 ``cat``, ``dropout``, ``relu``, ...) are ignored before these are looked at."""

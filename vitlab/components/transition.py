@@ -9,7 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, StrictBool
 from torch import nn
 
 from ..component import Transition
@@ -68,18 +68,24 @@ class PitPooling(Transition):
 
 class PatchMerging(Transition):
     """Swin's patch merging: each 2 x 2 group of patches concatenated (4 D_in), normed, mapped to
-    D_out; the grid halves (odd sides are zero-padded). Prefix tokens get a linear map of their own."""
+    D_out; the grid halves (odd sides are zero-padded). Prefix tokens get a linear map of their own.
+
+    ``norm_last``: mapped to D_out first, then normed over D_out (Swin v2's ``PatchMerging``)."""
 
     name = "patch_merge"
+
+    class Params(Transition.Params):
+        norm_last: StrictBool = Field(False, description="the norm after the reduction, over D_out (Swin v2)")
 
     @classmethod
     def out_grid(cls, grid, params):
         return tuple(math.ceil(g / 2) for g in grid)
 
-    def __init__(self, ctx: BuildContext, params: Transition.Params):
+    def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params)
         fk = ctx.factory_kwargs
-        self.norm = ctx.make("norm", dim=4 * ctx.in_dim)
+        self.norm_last = params.norm_last
+        self.norm = ctx.make("norm", dim=ctx.embed_dim if params.norm_last else 4 * ctx.in_dim)
         self.reduction = Linear(4 * ctx.in_dim, ctx.embed_dim, bias=False, **fk)
         self.fc = Linear(ctx.in_dim, ctx.embed_dim, **fk) if ctx.num_prefix_tokens else None
 
@@ -90,7 +96,10 @@ class PatchMerging(Transition):
         h, w = grid.shape[-2] // 2, grid.shape[-1] // 2
         # (B, D, h, 2, w, 2) -> (B, h, w, 2 (col), 2 (row), D): timm's PatchMerging order
         merged = grid.reshape(B, D, h, 2, w, 2).permute(0, 2, 4, 5, 3, 1).reshape(B, h * w, 4 * D)
-        patches = self.reduction(self.norm(merged))  # (B, h * w, D_out)
+        if self.norm_last:
+            patches = self.norm(self.reduction(merged))  # (B, h * w, D_out)
+        else:
+            patches = self.reduction(self.norm(merged))
         parts = [self.fc(prefix), patches] if self.fc is not None else [patches]
         return torch.cat(parts, dim=1), state.regrid((h, w))
 

@@ -10,6 +10,10 @@ Swin (Liu et al. 2021; timm ``swin_transformer``) adds two things, both params o
   is nothing to shift (timm sets that axis's shift to 0).
 * ``rel_pos: table``: Swin v1's learned bias per head for every 2-D offset inside a window,
   ``(2 w - 1)^2`` rows (timm's ``relative_position_bias_table``).
+
+Swin v2 (``swin_v2``) replaces the table by a small MLP over log-spaced offsets (``rel_pos: cpb``,
+timm's ``swin_transformer_v2``; ``cpb_cr``, its ``swin_transformer_v2_cr``) and the scaled dot
+product by a cosine with a learned per-head scale (``cosine``).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, StrictBool, model_validator
 from torch import nn
 
 from ..context import BuildContext
@@ -26,6 +30,7 @@ from ..limits import LIMITS
 from ..sizes import NonNegInt, as_pair
 from .attention import QKVAttention
 from .relpos import relative_position_index
+from .swin_v2 import add_continuous_bias, add_logit_scale, continuous_bias, cosine_queries
 
 SHIFT_MASK = -100.0  # timm's (not -inf): a masked logit, exp(-100) of the weight, never NaN
 
@@ -83,7 +88,7 @@ def shift_mask(padded: tuple[int, int], w: int, shift: tuple[int, int], device=N
 
 
 class WindowAttention(QKVAttention):
-    """Attention inside windows of the patch grid (padded; Swin's shift and bias table optional); prefix tokens attend globally."""
+    """Attention inside windows of the patch grid (padded; Swin's shift, position bias and cosine optional); prefix tokens attend globally."""
 
     name = "window"
 
@@ -91,14 +96,27 @@ class WindowAttention(QKVAttention):
         window_size: int = Field(14, gt=0, le=LIMITS["img_size"], description="window side in patches; the grid is zero-padded to whole windows")
         shift: Union[NonNegInt, tuple[NonNegInt, NonNegInt]] = Field(
             0, description="Swin's cyclic shift of the grid in patches, one int or [h, w], below window_size")
-        rel_pos: Literal["none", "table"] = Field(
-            "none", description="table: Swin v1's learned bias per head for every offset inside a window")
+        rel_pos: Literal["none", "table", "cpb", "cpb_cr"] = Field(
+            "none", description="table: Swin v1's learned bias per head for every offset inside a window; cpb: "
+            "Swin v2's MLP over log-spaced offsets, 16 * sigmoid; cpb_cr: Swin v2-cr's MLP over log-spaced pairs")
+        cosine: StrictBool = Field(
+            False, description="cosine attention with a learned per-head logit scale, clamped at ln 100 (Swin v2)")
+        pretrained_window_size: NonNegInt = Field(
+            0, le=LIMITS["img_size"], description="rel_pos cpb: the window its offsets are scaled by; 0 = window_size")
+        cpb_hidden: int = Field(512, gt=0, le=LIMITS["embed_dim"], description="rel_pos cpb / cpb_cr: the bias MLP's "
+                                "hidden width (timm: 512 for cpb, 384 for cpb_cr)")
+        cpb_drop: float = Field(0.0, ge=0.0, lt=1.0,
+                                description="rel_pos cpb_cr: dropout in the bias MLP (timm: 0.125)")
         attn_drop: float = Field(0.0, ge=0.0, lt=1.0)
 
         @model_validator(mode="after")
         def _shift_inside_window(self):
             if max(as_pair(self.shift)) >= self.window_size:
                 raise ValueError(f"shift {self.shift} must be below window_size {self.window_size}")
+            if self.pretrained_window_size and self.rel_pos != "cpb":
+                raise ValueError(f"pretrained_window_size needs rel_pos: cpb, not {self.rel_pos}")
+            if self.cpb_drop and self.rel_pos != "cpb_cr":
+                raise ValueError(f"cpb_drop needs rel_pos: cpb_cr, not {self.rel_pos}")
             return self
 
     def __init__(self, ctx: BuildContext, params: Params):
@@ -115,16 +133,23 @@ class WindowAttention(QKVAttention):
             # Not persistent: a function of the window, not a weight to save.
             self.register_buffer("relative_position_index", relative_position_index((w, w), 0, device=ctx.device),
                                  persistent=False)
+        elif params.rel_pos in ("cpb", "cpb_cr"):
+            add_continuous_bias(self, params.rel_pos, self.window, ctx, params.cpb_hidden,
+                                params.pretrained_window_size, params.cpb_drop)
+        if params.cosine:
+            add_logit_scale(self, ctx)
 
     def window_bias(self, padded: tuple[int, int], shift: tuple[int, int], prefix: int, like: torch.Tensor
                     ) -> torch.Tensor | None:
         """The additive bias inside each window, (1, heads | 1, windows | 1, w², P + w²), or ``None``:
-        the relative position table's bias plus the shift mask, 0 on the prefix keys."""
+        the relative position bias (v1's table, v2's MLP) plus the shift mask, 0 on the prefix keys."""
         w, bias = self.window, None
         if hasattr(self, "relative_position_bias_table"):
             n = w * w
             table = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
             bias = table.permute(2, 0, 1)[None, :, None]  # (1, heads, 1, w², w²)
+        elif self.params.rel_pos in ("cpb", "cpb_cr"):
+            bias = continuous_bias(self, w)[None, :, None]  # (1, heads, 1, w², w²)
         if any(shift):
             key = (padded, shift, like.device, like.dtype)
             mask = self._masks.get(key)
@@ -155,6 +180,8 @@ class WindowAttention(QKVAttention):
             patches = F.pad(patches.reshape(B, gh, gw, D), (0, 0, 0, pad_w, 0, pad_h)).reshape(B, -1, D)
         q, k, v = self.qkv_heads(torch.cat([prefix, patches], dim=1))  # (B, h | kv, P + padded N, hd)
         q, k = self._positions(q, k, state, padded, shift)
+        if self.params.cosine:
+            q, k = cosine_queries(q, k, self.logit_scale)
         drop = self.attn_drop if self.training else 0.0
         qw, kw, vw = (_partition(t[:, :, P:], padded, w) for t in (q, k, v))  # (B, h, windows, w², hd)
         if P:  # every window also sees the prefix tokens

@@ -13,13 +13,21 @@ from typing import Iterable
 
 from ..bridge import Family
 from ..family import TimmFamily
+from . import pvt_v2  # PVTv2
+from . import twins  # Twins (PCPVT, SVT)
+from . import levit  # LeViT
+from . import mvitv2  # MViTv2
+from . import hiera  # Hiera
+from . import hieradet_sam2  # SAM 2's Hiera (HieraDet)
+from . import nest  # NesT
 from . import (
     beit, cait, convit, deepseek, eva, gemma4, hybrid, naflex, pit, qwen3, relpos, sam, swin, vit, xcit,
 )
+from . import swin_v2, swin_v2_cr  # before swin: v2's checkpoints match swin's marker, its specs swin's claim
 
 FAMILIES: tuple[TimmFamily, ...] = (
     qwen3.FAMILY, deepseek.FAMILY, gemma4.FAMILY, hybrid.FAMILY, cait.FAMILY, beit.FAMILY, relpos.FAMILY,
-    eva.FAMILY, naflex.FAMILY, xcit.FAMILY, sam.FAMILY, convit.FAMILY, swin.FAMILY, pit.FAMILY, vit.FAMILY,
+    eva.FAMILY, naflex.FAMILY, xcit.FAMILY, sam.FAMILY, convit.FAMILY, swin_v2.FAMILY, swin_v2_cr.FAMILY, swin.FAMILY, pvt_v2.FAMILY, twins.FAMILY, levit.FAMILY, mvitv2.FAMILY, hiera.FAMILY, hieradet_sam2.FAMILY, nest.FAMILY, pit.FAMILY, vit.FAMILY,
 )
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...components.window import WindowAttention
+from ...sizes import as_pair
 from ...spec import ViTSpec
 from ..bridge import ImagePosFamily
 from ..export import norm_layer, refuser
@@ -160,6 +162,9 @@ class SamReader(Reader):
 
 _GLOBAL = {"mhsa": False, "mhsa_decomposed": True}  # attention -> with decomposed relative position
 _WINDOW = {"window": False, "window_decomposed": True}
+# the params Swin gave ``window`` (shift, bias, cosine), at the values that leave a window SAM's
+_SWIN_ONLY = {k: v for k, v in WindowAttention.Params().model_dump(mode="json").items()
+              if k in ("shift", "rel_pos", "cosine", "pretrained_window_size", "cpb_hidden", "cpb_drop")}
 
 
 def _claims(spec: ViTSpec) -> bool:
@@ -208,9 +213,12 @@ def sam_kwargs(spec: ViTSpec, ex: Exporting) -> dict[str, Any]:
         elif sel.name in _WINDOW:
             windows.add(params.pop("window_size"))
             rel_pos.add(_WINDOW[sel.name])
-            # Swin's window params: SAM's windows are never shifted and carry no bias table
-            if params.pop("shift", 0) not in (0, [0, 0]) or params.pop("rel_pos", "none") != "none":
-                raise fail(f"shifted windows or a window bias table at block {plan.index} (Swin's, not SAM's)")
+            # Swin's window params: SAM's windows are never shifted, carry no bias table and no cosine
+            swin = {k: params.pop(k) for k in _SWIN_ONLY if k in params}
+            if any(as_pair(v) != as_pair(_SWIN_ONLY[k]) if k == "shift" else v != _SWIN_ONLY[k]
+                   for k, v in swin.items()):
+                raise fail(f"shifted windows, a window bias or cosine attention at block {plan.index} "
+                           "(Swin's, not SAM's)")
         else:
             raise fail(f"attention '{sel.name}' at block {plan.index}")
         if params.get("kv_heads") not in (None, spec.num_heads) or not params["proj_bias"]:

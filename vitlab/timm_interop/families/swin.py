@@ -8,22 +8,26 @@ every token and an average pool feed the classifier. Window size, heads and MLP 
 per stage. The state-dict differences are the ``SWIN`` table: timm keeps blocks and patch merging
 per stage (``layers.{stage}.blocks.{j}``, ``layers.{stage}.downsample``) and the classifier as
 ``head.fc``.
+
+``SwinReader`` and ``stage_windows`` are what the Swin v2 families (``swin_v2``, ``swin_v2_cr``)
+share with v1: the walk over stages, shifted-window blocks and patch merging, parametrised by the
+timm classes they match, and the checks of a spec's stages and windows on the way back.
 """
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from ...components.window import effective_shift
-from ...layout import format_indices
 from ...sizes import as_pair
 from ...spec import ViTSpec
 from ..bridge import Family
 from ..export import norm_layer, pair, refuser
 from ..family import Exporting, TimmFamily
-from ..reader import BlockRead, Reader, common_and_layers, fmt_float
+from ..reader import BlockRead, fmt_float
+from ..staged import StagedReader, drop_path_of, staged_state_dict
+from ..staged import at_text  # noqa: F401 - nest's and hiera's readers import it from here
 
 SWIN = Family(
     "swin", marker=r"layers\.\d+\.blocks\.\d+\.",
@@ -39,125 +43,184 @@ _FIXED: dict[str, tuple[str, dict[str, Any]]] = {
     "pos_embed": ("none", {}),
     "pool": ("avg", {"norm": False}),
 }
-
-
-def at_text(indices: list[int]) -> str:
-    """Block indices as ``at``: one stepped range when they are one (``"1-9:2"``), else ranges."""
-    steps = {b - a for a, b in zip(indices, indices[1:])}
-    if len(indices) > 2 and len(steps) == 1 and (step := steps.pop()) > 1:
-        return f"{indices[0]}-{indices[-1]}:{step}"
-    return format_indices(indices)
+# per-block attention params a stage may set: the rest must be one set for the whole model
+PER_STAGE = ("window_size", "shift", "pretrained_window_size")
 
 
 # --- timm -> spec ------------------------------------------------------------------------------------
 
-class SwinReader(Reader):
-    """Reads a timm ``SwinTransformer`` instance (its modules and shapes, never its name)."""
+class SwinReader(StagedReader):
+    """Reads a timm ``SwinTransformer`` instance (its modules and shapes, never its name). The v2
+    readers subclass it with their own classes, attention and block kind."""
 
-    def attention(self, a: nn.Module, where: str, dim: int | None = None) -> dict:
-        from timm.models.swin_transformer import WindowAttention
+    timm_module = "timm.models.swin_transformer"
+    model_cls, stage_cls, block_cls = "SwinTransformer", "SwinTransformerStage", "SwinTransformerBlock"
+    attn_cls, merge_cls = "WindowAttention", "PatchMerging"
+    stages_attr = "layers"
+    grid_attr = "input_resolution"  # a block's attribute holding its stage's (H, W) grid
+    merge: dict = {"name": "patch_merge"}
 
-        if type(a) is not WindowAttention:
+    def square(self, pair_: Any, what: str, where: str) -> int:
+        """One side of a square ``(h, w)``, refused otherwise (vitlab's windows are square)."""
+        h, w = (int(v) for v in pair_)
+        if h != w:
+            raise self.unsupported(f"{h}x{w} {what} (vitlab's windows are square) at {where}")
+        return h
+
+    def window(self, a: nn.Module, where: str, dim: int) -> tuple[nn.Linear, nn.Linear]:
+        """A window attention of ``attn_cls`` at the stage's width: its ``qkv`` and ``proj``."""
+        if not self.is_timm(a, self.attn_cls):
             raise self.unsupported(f"attention layer {type(a).__name__} at {where}")
         qkv, proj = self.linear(a.qkv, f"{where}.qkv"), self.linear(a.proj, f"{where}.proj")
         if qkv.out_features != 3 * dim or proj.in_features != dim or proj.out_features != dim:
-            raise self.unsupported(f"attention width other than the stage's {dim} (head_dim) at {where}")
-        wh, ww = a.window_size
-        if wh != ww:
-            raise self.unsupported(f"{wh}x{ww} windows (vitlab's windows are square) at {where}")
+            raise self.unsupported(f"attention width other than the stage's {dim} at {where}")
+        return qkv, proj
+
+    def attention(self, a: nn.Module, where: str, dim: int | None = None) -> dict:
+        qkv, proj = self.window(a, where, dim)
         return {"heads": a.num_heads, "proj_drop": a.proj_drop.p, "name": "window",
                 "params": {"qkv_bias": qkv.bias is not None, "proj_bias": proj.bias is not None,
-                           "attn_drop": fmt_float(a.attn_drop.p), "window_size": int(wh), "rel_pos": "table"}}
+                           "attn_drop": fmt_float(a.attn_drop.p),
+                           "window_size": self.square(a.window_size, "windows", where), "rel_pos": "table"}}
+
+    def block_kind(self, b: nn.Module, where: str) -> dict:
+        return {"name": "prenorm", "params": {"init_values": None}}
 
     def block(self, b: nn.Module, i: int, dim: int | None = None, where: str | None = None) -> BlockRead:
         """A Swin block: pre-norm, window attention shifted by ``shift_size`` (0 where the grid
         fits in one window, as vitlab's ``window`` does, unless ``always_partition``)."""
-        from timm.models.swin_transformer import SwinTransformerBlock
-
-        attn, mlp = self.parts(b, where, types=(SwinTransformerBlock,), dim=dim)
+        if not self.is_timm(b, self.block_cls):
+            raise self.unsupported(f"block type {type(b).__module__}.{type(b).__name__} at {where}")
+        attn, mlp = self.parts(b, where, dim=dim)
         w, shift = attn["params"]["window_size"], tuple(int(s) for s in b.shift_size)
-        if effective_shift(tuple(b.input_resolution), w, shift) != shift:
+        if effective_shift(tuple(getattr(b, self.grid_attr)), w, shift) != shift:
             raise self.unsupported(f"a shift on a grid that fits in one window (always_partition) at {where}")
         attn["params"]["shift"] = shift[0] if shift[0] == shift[1] else list(shift)
-        return BlockRead(attn, mlp, {"name": "prenorm", "params": {"init_values": None}},
-                         float(getattr(b.drop_path1, "drop_prob", 0.0)))
+        return BlockRead(attn, mlp, self.block_kind(b, where), drop_path_of(b))
 
     def transition(self, down: nn.Module, s: int, in_dim: int) -> tuple[int, dict]:
-        from timm.models.swin_transformer import PatchMerging
-
-        where = f"layers.{s}.downsample"
-        if type(down) is not PatchMerging:
+        """Patch merging into stage ``s`` (norm and reduction, in either order): its width out."""
+        where = f"{self.stages_attr}.{s}.downsample"
+        if not self.is_timm(down, self.merge_cls):
             raise self.unsupported(f"stage transition {type(down).__name__} at {where}")
         red = self.linear(down.reduction, f"{where}.reduction")
         if red.bias is not None or red.in_features != 4 * in_dim:
             raise self.unsupported(f"patch merging reduction with a bias or of another width at {where}")
         self.norm(down.norm, f"{where}.norm")
-        return red.out_features, {"name": "patch_merge"}
+        return red.out_features, self.merge
 
-    def head(self) -> dict:
-        from timm.layers import ClassifierHead
+    def embed(self) -> tuple[dict, int]:
+        """The patch embedding's fields of the spec, and its width."""
+        return self.patch_embed(), self.m.patch_embed.proj.out_channels
 
-        head = self.m.head
-        if type(head) is not ClassifierHead or head.global_pool.pool_type != "avg" or head.use_conv:
-            raise self.unsupported(f"head other than an average pool and a linear classifier "
-                                   f"(global_pool '{self.m.global_pool}')")
-        num_classes = 0
-        if not self.is_id(head.fc):
-            fc = self.linear(head.fc, "head.fc")
-            if fc.bias is None:
-                raise self.unsupported("classifier head without bias")
-            num_classes = fc.out_features
-        return {"num_classes": num_classes, "drop_rate": fmt_float(head.drop.p)}
+    def final_norm(self) -> bool:
+        final = not self.is_id(self.m.norm)
+        if final:
+            self.norm(self.m.norm, "norm")
+        return final
 
     def spec(self) -> ViTSpec:
-        from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage
-
-        m = self.m
-        if type(m) is not SwinTransformer:
-            raise self.unsupported(f"SwinTransformer subclass {type(m).__name__}")
+        m, S = self.own_model(), self.stages_attr
         if m.dynamic_img_size:
             raise self.unsupported("dynamic_img_size (strict_img_size=False)")
-        data: dict[str, Any] = {"name": self.name, **self.patch_embed(), "class_token": False, "reg_tokens": 0,
+        embed, width = self.embed()
+        data: dict[str, Any] = {"name": self.name, **embed, "class_token": False, "reg_tokens": 0,
                                 "pos_embed": {"name": "none"}, "pool": {"name": "avg"}, "pre_norm": False,
-                                "transition": {"name": "patch_merge"}}
-        width, stages, blocks = m.embed_dim, [], []
-        for s, layer in enumerate(m.layers):
-            if type(layer) is not SwinTransformerStage:
-                raise self.unsupported(f"stage {type(layer).__name__} at layers.{s}")
+                                "transition": self.merge}
+        stages, blocks = [], []
+        for s, layer in enumerate(getattr(m, S)):
+            if not self.is_timm(layer, self.stage_cls):
+                raise self.unsupported(f"stage {type(layer).__name__} at {S}.{s}")
             stage: dict[str, Any] = {}
-            if s == 0:
-                if not self.is_id(layer.downsample):
-                    raise self.unsupported("patch merging before the first stage")
-            else:
+            if s:
                 width, stage["transition"] = self.transition(layer.downsample, s, width)
-            if not len(layer.blocks):
-                raise self.unsupported(f"stage {s} without blocks")
-            read = [self.block(b, len(blocks) + j, width, f"layers.{s}.blocks.{j}") for j, b in enumerate(layer.blocks)]
-            heads = read[0].attn["heads"]
-            stages.append({"depth": len(read), "embed_dim": width, "num_heads": heads, **stage})
-            blocks += [(b, width, f"layers.{s}.blocks.{j}") for j, b in enumerate(read)]
+            elif not self.is_id(layer.downsample):
+                raise self.unsupported("patch merging before the first stage")
+            stages.append({**self.stage(s, layer.blocks, width, f"{S}.{s}.blocks", blocks), **stage})
 
         first = blocks[0][0]
-        for i, (b, _, where) in enumerate(blocks):
-            if b.settings(attn=("heads", "params"), mlp=("hidden",)) != first.settings(attn=("heads", "params"),
-                                                                                    mlp=("hidden",)):
+        fixed = {k: v for k, v in first.attn["params"].items() if k not in PER_STAGE}
+        for b, _, where in blocks:
+            attn = {k: v for k, v in b.attn["params"].items() if k not in PER_STAGE}
+            if (attn, b.settings(attn=("heads", "params"), mlp=("hidden",))[:2]) != (
+                    fixed, first.settings(attn=("heads", "params"), mlp=("hidden",))[:2]):
                 raise self.unsupported(f"blocks that differ other than in window, shift or width ({where})")
-        data["attention"], layers = common_and_layers([{"name": "window", "params": b.attn["params"]} for b, _, _ in blocks],
-                                                      "attention", at_text)
-        ratios = [self.mlp_ratio(b.mlp["hidden"], f"{where}.mlp", w) for b, w, where in blocks]
-        data["mlp_ratio"], ratio_layers = common_and_layers(ratios, "mlp_ratio", at_text)
-        data.update(stages=stages, layers=layers + ratio_layers, final_norm=not self.is_id(m.norm),
-                    mlp={"name": first.mlp["name"], "params": first.mlp["params"]}, block=first.block)
-        if data["final_norm"]:
-            self.norm(m.norm, "norm")
-        data.update(self.head())
-        data["norm"] = self.norm_selection()
-        data["proj_drop_rate"] = fmt_float(first.attn["proj_drop"])
-        data["drop_path_rate"] = fmt_float(blocks[-1][0].drop_path) if len(blocks) > 1 else 0.0
-        return self.validated(data)
+        attn = [{"name": "window", "params": b.attn["params"]} for b, _, _ in blocks]
+        data["attention"], layers = self.per_block("attention", attn)
+        data["mlp_ratio"], ratio_layers = self.per_block("mlp_ratio", self.mlp_ratios(blocks))
+        data["block"], block_layers = self.per_block("block", [b.block for b, _, _ in blocks])
+        data.update(stages=stages, layers=layers + ratio_layers + block_layers, final_norm=self.final_norm(),
+                    mlp={"name": first.mlp["name"], "params": first.mlp["params"]})
+        data.update(self.classifier_head(m.head))
+        return self.finish_staged(data, blocks)
 
 
 # --- spec -> timm -----------------------------------------------------------------------------------
+
+def stage_windows(spec: ViTSpec, ex: Exporting, fail, whose: str, fixed: dict, rel_pos: str, cosine: bool,
+                  overridable: tuple[str, ...], one_ratio: bool = False) -> tuple[list, list, list, dict]:
+    """What timm's Swin classes take per stage: ``(windows, pretrained windows, MLP ratios, the one
+    set of attention params)``, refusing what they cannot hold (prefix tokens, components other
+    than ``fixed``, attention other than ``window`` with ``rel_pos`` and ``cosine``, per-block
+    overrides of ``overridable`` kinds, shifts other than half a window on a stage's odd blocks,
+    widths that do not double; with ``one_ratio``, MLP ratios that differ). ``whose`` names the
+    timm model in messages."""
+    if spec.class_token or spec.reg_tokens or spec.pre_norm or spec.dynamic_img_size or spec.stages is None:
+        raise fail(f"prefix tokens, pre_norm, dynamic_img_size or no stages ({whose}: none, none, no, stages)")
+    pe = spec.patch_embed
+    if (pe.name != "conv" or not pe.params.get("norm") or not pe.params.get("bias", True) or pe.params.get("pad")
+            or pe.params.get("stride") not in (None, *spec.patch_hw)):
+        raise fail(f"patch embedding '{pe.name}' {pe.params} ({whose}: a conv with bias, then the norm)")
+    for kind, (name, want) in fixed.items():
+        sel = spec.selection(kind)
+        if sel.name != name or any(sel.params.get(k, v) != v for k, v in want.items()):
+            raise fail(f"{kind} '{sel.name}' {sel.params} ({whose}: {name} {want})")
+    if one_ratio and len({p.mlp_ratio for p in spec.block_plans()}) != 1:
+        raise fail(f"MLP ratios that differ between blocks (timm's {whose} takes one)")
+    contexts, plans = spec.stage_contexts(ex.registry, device="meta"), spec.block_plans()
+    windows, pretrained, ratios, attn = [], [], [], set()
+    for stage in spec.stage_plans():
+        grid, mine = contexts[stage.index].grid_size, [plans[i] for i in stage.blocks]
+        sels = [p.selections["attention"] for p in mine]
+        if any(p.selections[k] != spec.selection(k) for p in mine for k in overridable):
+            raise fail(f"per-block overrides of {' or '.join(overridable)} (stage {stage.index})")
+        if any(s.name != "window" or s.params["rel_pos"] != rel_pos or s.params["cosine"] != cosine for s in sels):
+            raise fail(f"attention other than window with rel_pos: {rel_pos}{' and cosine' if cosine else ''} "
+                       f"(stage {stage.index})")
+        w, pw = sels[0].params["window_size"], sels[0].params["pretrained_window_size"]
+        if w > max(grid) or any((s.params["window_size"], s.params["pretrained_window_size"]) != (w, pw) for s in sels):
+            raise fail(f"window sizes that differ within stage {stage.index}, or exceed its {grid[0]}x{grid[1]} grid")
+        for j, s in enumerate(sels):  # timm shifts the odd blocks of a stage by half a window
+            want = effective_shift(grid, w, (w // 2, w // 2) if j % 2 else (0, 0))
+            if effective_shift(grid, w, as_pair(s.params["shift"])) != want:
+                raise fail(f"shift {s.params['shift']} at block {stage.start + j} ({whose}: 0 on even blocks of a "
+                           f"stage, window_size // 2 on odd ones)")
+            attn.add(tuple(sorted((k, v) for k, v in s.params.items() if k not in PER_STAGE)))
+        if len({p.mlp_ratio for p in mine}) != 1:
+            raise fail(f"MLP ratios that differ within stage {stage.index}")
+        windows.append(w)
+        pretrained.append(pw)
+        ratios.append(mine[0].mlp_ratio)
+    if len(attn) != 1:
+        raise fail("attention params (biases, dropout, bias MLP) that differ between blocks")
+    widths = [st.embed_dim for st in spec.stages]
+    if widths != [widths[0] * 2**i for i in range(len(widths))]:  # timm's num_features takes one int
+        raise fail(f"stage widths {widths} ({whose} doubles the width at every stage)")
+    ap = dict(attn.pop())
+    if ap.get("kv_heads") is not None or ap["qk_norm"] or not ap["proj_bias"]:
+        raise fail("attention with kv_heads, qk_norm or without output bias")
+    return windows, pretrained, ratios, ap
+
+
+def swin_args(spec: ViTSpec, fail, patch_size, windows: tuple, mlp_ratio) -> dict[str, Any]:
+    """The arguments every Swin class takes alike (sizes, stages, windows, rates, the norm)."""
+    return dict(img_size=pair(spec.img_size), patch_size=patch_size, in_chans=spec.in_chans,
+                num_classes=spec.num_classes, global_pool="avg", embed_dim=spec.stages[0].embed_dim,
+                depths=tuple(st.depth for st in spec.stages), num_heads=tuple(st.num_heads for st in spec.stages),
+                window_size=windows, mlp_ratio=mlp_ratio, drop_rate=spec.drop_rate,
+                proj_drop_rate=spec.proj_drop_rate, drop_path_rate=spec.drop_path_rate,
+                norm_layer=norm_layer(spec, fail))
+
 
 def _claims(spec: ViTSpec) -> bool:
     return spec.stages is not None and all(p.transition.name == "patch_merge" for p in spec.stage_plans()[1:])
@@ -166,66 +229,15 @@ def _claims(spec: ViTSpec) -> bool:
 def swin_kwargs(spec: ViTSpec, ex: Exporting) -> dict[str, Any]:
     """Keyword arguments of timm's ``SwinTransformer`` (any ``swin_*`` v1 name) for a staged spec."""
     fail = refuser(spec, "SwinTransformer")
-    if spec.class_token or spec.reg_tokens or spec.pre_norm or not spec.final_norm or spec.dynamic_img_size:
-        raise fail("prefix tokens, pre_norm, dynamic_img_size or no final norm (Swin: none, none, no, a final norm)")
-    pe = spec.patch_embed
-    if (pe.name != "conv" or not pe.params.get("norm") or not pe.params.get("bias", True) or pe.params.get("pad")
-            or pe.params.get("stride") not in (None, *spec.patch_hw)):
-        raise fail(f"patch embedding '{pe.name}' {pe.params} (Swin: a conv with bias, then the norm)")
-    for kind, (name, fixed) in _FIXED.items():
-        sel = spec.selection(kind)
-        if sel.name != name or any(sel.params.get(k, v) != v for k, v in fixed.items()):
-            raise fail(f"{kind} '{sel.name}' {sel.params} (Swin: {name} {fixed})")
-    contexts, plans = spec.stage_contexts(ex.registry, device="meta"), spec.block_plans()
-    windows, ratios, attn = [], [], set()
-    for stage in spec.stage_plans():
-        grid = contexts[stage.index].grid_size
-        mine = [plans[i] for i in stage.blocks]
-        sels = [p.selections["attention"] for p in mine]
-        if any(p.selections[k] != spec.selection(k) for p in mine for k in ("mlp", "norm", "block")):
-            raise fail(f"per-block overrides other than attention and mlp_ratio (stage {stage.index})")
-        if any(s.name != "window" or s.params["rel_pos"] != "table" for s in sels):
-            raise fail(f"attention other than window with rel_pos: table (stage {stage.index})")
-        w = sels[0].params["window_size"]
-        if w > max(grid) or any(s.params["window_size"] != w for s in sels):
-            raise fail(f"window sizes that differ within stage {stage.index}, or exceed its {grid[0]}x{grid[1]} grid")
-        for j, s in enumerate(sels):  # timm shifts the odd blocks of a stage by half a window
-            want = effective_shift(grid, w, (w // 2, w // 2) if j % 2 else (0, 0))
-            if effective_shift(grid, w, as_pair(s.params["shift"])) != want:
-                raise fail(f"shift {s.params['shift']} at block {stage.start + j} (Swin: 0 on even blocks of a "
-                           f"stage, window_size // 2 on odd ones)")
-            attn.add(tuple(sorted((k, v) for k, v in s.params.items() if k not in ("window_size", "shift"))))
-        if len({p.mlp_ratio for p in mine}) != 1:
-            raise fail(f"MLP ratios that differ within stage {stage.index}")
-        windows.append(w)
-        ratios.append(mine[0].mlp_ratio)
-    if len(attn) != 1:
-        raise fail("attention params (biases, dropout) that differ between blocks")
-    widths = [st.embed_dim for st in spec.stages]
-    if widths != [widths[0] * 2**i for i in range(len(widths))]:  # timm's num_features takes one int
-        raise fail(f"stage widths {widths} (Swin doubles the width at every stage)")
-    ap = dict(attn.pop())
-    if ap.get("kv_heads") is not None or ap["qk_norm"] or not ap["proj_bias"]:
-        raise fail("attention with kv_heads, qk_norm or without output bias")
-    return dict(
-        img_size=pair(spec.img_size), patch_size=pair(spec.patch_size), in_chans=spec.in_chans,
-        num_classes=spec.num_classes, global_pool="avg", embed_dim=widths[0],
-        depths=tuple(st.depth for st in spec.stages), num_heads=tuple(st.num_heads for st in spec.stages),
-        window_size=tuple(windows), mlp_ratio=tuple(ratios), qkv_bias=ap["qkv_bias"], drop_rate=spec.drop_rate,
-        proj_drop_rate=spec.proj_drop_rate, attn_drop_rate=ap.get("attn_drop", 0.0),
-        drop_path_rate=spec.drop_path_rate, norm_layer=norm_layer(spec, fail),
-    )
-
-
-def swin_state_dict(model, ex: Exporting) -> dict[str, torch.Tensor]:
-    """A staged vitlab Swin's weights in timm's names (``SWIN`` read backwards)."""
-    swin_kwargs(model.spec, ex)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    return SWIN.restore(sd, depths=[st.depth for st in model.spec.stages])
+    if not spec.final_norm:
+        raise fail("no final norm (Swin norms every token before pooling)")
+    windows, _, ratios, ap = stage_windows(spec, ex, fail, "Swin", _FIXED, "table", False, ("mlp", "norm", "block"))
+    return dict(swin_args(spec, fail, pair(spec.patch_size), tuple(windows), tuple(ratios)),
+                qkv_bias=ap["qkv_bias"], attn_drop_rate=ap.get("attn_drop", 0.0))
 
 
 FAMILY = TimmFamily(
     "swin_transformer", classes=("timm.models.swin_transformer.SwinTransformer",), reader=SwinReader,
     claims=_claims, timm_class="timm.models.swin_transformer.SwinTransformer", kwargs=swin_kwargs,
-    state_dict=swin_state_dict, tables=(SWIN,),
+    state_dict=staged_state_dict(SWIN, swin_kwargs), tables=(SWIN,),
 )
