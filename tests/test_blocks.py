@@ -27,14 +27,19 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 REGISTRY = repo_registry()
 BLOCKS = [i.name for i in REGISTRY.components("block")]
-CASES = [(name, {}) for name in BLOCKS] + [("parallel", {"shared_norm": False})]
+# blocks with no attention and MLP branches to check, and what checks them instead
+NO_BRANCHES = {"mbconv": "TinyViT's conv stage, an inverted residual: equal to timm's ConvLayer (test_tiny_vit.py)"}
+CASES = [(name, {}) for name in BLOCKS if name not in NO_BRANCHES] + [("parallel", {"shared_norm": False})]
 N = 1 + TINY_PATCHES
 # what the model hands its blocks for TINY: a 4 x 4 grid after one class token
 STATE = ForwardState.start((4, 4), 1)
+# blocks that take no class token (gcvit's prefix tokens are its global queries): the patches alone
+NO_PREFIX = {"gcvit"}
 
 
 def make_block(name: str, params: dict | None = None, registry=REGISTRY):
-    spec = load_spec({**TINY, "depth": 1, "block": {"name": name, "params": params or {}}}, registry=registry)
+    alone = {"class_token": False, "pool": "avg"} if name in NO_PREFIX else {}
+    spec = load_spec({**TINY, **alone, "depth": 1, "block": {"name": name, "params": params or {}}}, registry=registry)
     return build_model(spec, seed=0, registry=registry).blocks[0].eval()
 
 
@@ -42,16 +47,20 @@ def _zeros(x, *args, **kwargs):
     return torch.zeros_like(x)
 
 
-def branch_problems(block: torch.nn.Module, x: torch.Tensor) -> list[str]:
+def _tokens(out):
+    return out[0] if isinstance(out, tuple) else out  # a block may hand back (tokens, new state)
+
+
+def branch_problems(block: torch.nn.Module, x: torch.Tensor, state: ForwardState = STATE) -> list[str]:
     """Why ``block`` fails to add both residual branches to its output (empty: it does)."""
     problems = []
     with torch.no_grad():
-        ref = block(x, STATE)
+        ref = _tokens(block(x, state))
         for branch in ("attn", "mlp"):
             module = getattr(block, branch)
             module.forward = _zeros  # instance attribute shadows the class's forward
             try:
-                out = block(x, STATE)
+                out = _tokens(block(x, state))
             finally:
                 del module.forward
             if torch.allclose(out, ref, atol=1e-6, rtol=0):
@@ -59,7 +68,7 @@ def branch_problems(block: torch.nn.Module, x: torch.Tensor) -> list[str]:
     block.zero_grad(set_to_none=True)
     weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
     # a random projection: sum(out) alone can have zero gradient through a final LayerNorm
-    (block(x, STATE) * weights).sum().backward()
+    (_tokens(block(x, state)) * weights).sum().backward()
     for pname in ("attn.proj.weight", "mlp.fc2.weight"):
         grad = block.get_parameter(pname).grad
         if grad is None or not grad.abs().max() > 0:
@@ -78,7 +87,10 @@ def test_registry_has_the_documented_orderings():
 
 @pytest.mark.parametrize("name, params", CASES, ids=[f"{n}{'-' + str(p) if p else ''}" for n, p in CASES])
 def test_both_branches_contribute(name, params, tokens):
-    assert branch_problems(make_block(name, params), tokens) == []
+    if name in NO_PREFIX:
+        assert branch_problems(make_block(name, params), tokens[:, 1:], ForwardState.start((4, 4), 0)) == []
+    else:
+        assert branch_problems(make_block(name, params), tokens) == []
 
 
 # --- the check must catch the notebook bug --------------------------------------------------

@@ -36,8 +36,13 @@ N_TOKENS = 1 + 1 + TINY_PATCHES  # class + register + 4 x 4 patches
 COMPAT: dict[tuple[str, str], dict] = {
     ("patch_embed", "conv_stem"): {"patch_embed": {"name": "conv_stem", "params": {"channels": [8, 16, 32]}}},
     ("attention", "window"): {"attention": {"name": "window", "params": {"window_size": 2}}},
+    ("attention", "tiny_vit"): {"attention": {"name": "tiny_vit", "params": {"window_size": 2}}},
+    ("attention", "gcvit"): {"attention": {"name": "gcvit", "params": {"window_size": 2}}},  # windows divide 4x4
     ("patch_embed", "overlap"): {"patch_embed": {"name": "overlap", "params": {"padding": 0}}},  # the 4x4 grid
     ("mlp", "conv_mlp"): {"block": "prenorm_grid"},  # the block that hands its MLP the grid
+    ("pos_embed", "coat_conv"): {"block": "coat_serial", "attention": "factor"},  # the block and attention that use it
+    ("attention", "outlook"): {"class_token": False, "reg_tokens": 0, "pool": "avg"},  # the patch grid alone
+    ("block", "gcvit"): {"class_token": False, "reg_tokens": 0, "pool": "avg"},  # its global queries: the only prefix
 }
 # Tried in turn when the plain selection does not validate (e.g. a pool without a class token).
 FALLBACKS = [{"class_token": False, "pool": "avg"}, {"pool": "avg"}, {"embed_dim": 64, "num_heads": 4}]
@@ -61,6 +66,10 @@ INERT: dict[tuple[str, str, str], str] = {
     ("transition", "patch_merge", "norm_last"): "a flat tiny model has no stages, so no transition (tests/test_swin_v2.py)",
     ("transition", "conv_pool", "padding"): "a flat tiny model has no stages, so no transition (tests/test_nest.py)",
     ("transition", "conv_pool", "pos_embed"): "a flat tiny model has no stages, so no transition (tests/test_nest.py)",
+    ("transition", "conv_merge", "act"): "a flat tiny model has no stages, so no transition (tests/test_tiny_vit.py)",
+    ("transition", "coat_embed", "in_norm"): "a flat tiny model has no stages, so no transition (tests/test_coat.py)",
+    ("transition", "pooling_block", "widen"): "a flat tiny model has no stages, so no transition (tests/test_mvit.py)",
+    ("transition", "volo_downsample", "pos_embed"): "a flat tiny model has no stages, so no transition (tests/test_volo.py)",
     ("pos_embed", "naflex", "ar_preserving"): "the test's 4x4 grid is square: the square of its longer side is itself",
 }
 # Params a switch needs before it can show, given to both builds (default and flipped).
@@ -70,12 +79,17 @@ PROBES: dict[tuple[str, str, str], dict] = {
     ("block", "prenorm", "attn_only_layer_scale"): {"init_values": 0.1},  # which branches the layer scale covers
     ("block", "prenorm_grid", "attn_only_layer_scale"): {"init_values": 0.1},
     ("block", "prenorm_peg", "attn_only_layer_scale"): {"init_values": 0.1},
+    ("block", "coat_serial", "attn_only_layer_scale"): {"init_values": 0.1},
+    ("block", "prenorm_cpe", "attn_only_layer_scale"): {"init_values": 0.1},
     ("block", "parallel", "shared_layer_scale"): {"init_values": 0.1},  # one layer scale or two
 }
 
 
 # Model-level settings a switch needs before it can build, given to both builds.
 MODEL_PROBES: dict[tuple[str, str, str], dict] = {
+    # global queries are the tokens a gcvit block pools the grid into: every block makes 2x2 of them
+    ("attention", "gcvit", "global_query"): {"block": {"name": "gcvit", "params": {"global_size": 2}},
+                                             "class_token": False, "reg_tokens": 0, "pool": "avg"},
     # without its projection, the stem's feature map is the tokens: 4 px per token, 64 wide
     ("patch_embed", "hybrid", "proj"): {"patch_size": 4, "embed_dim": 64, "num_heads": 2},
 }

@@ -13,7 +13,7 @@ from test_docs import blocks, run_block
 import vitlab
 from vitlab.analysis import analyze
 
-REASON = "cosine attention's per-head logit scale: elementwise"
+REASON = "elementwise"  # tests/plugins/exp_pool.py's reason for declaring aten::expm1 free
 
 
 @pytest.fixture(scope="module")
@@ -24,24 +24,31 @@ def cosine_registry():
 
 def test_the_guides_plugin_overlaps_nothing(cosine_registry):
     """Before, the guide declared aten::linalg_vector_norm with a count, which vitlab declares free:
-    every command, even on built-in recipes, printed an overlap warning."""
+    every command, even on built-in recipes, printed an overlap warning. It declares nothing now:
+    vitlab counts its aten::exp free too (Swin v2's cosine attention)."""
     assert cosine_registry.warnings() == [] and cosine_registry.op_conflicts() == {}
-
-
-def test_free_reasons_reach_table_json_and_markdown(cosine_registry):
     spec = vitlab.load_spec({**TINY, "attention": "cosine"}, registry=cosine_registry)
     report = analyze(spec)
-    assert report.unsupported == {} and report.free_why["aten::exp"] == REASON
+    assert report.unsupported == {} and report.free_why["aten::exp"].startswith("exponential")
     assert report.free_why["aten::linalg_vector_norm"].startswith("vector norm")  # vitlab's own reason
-    with vitlab.use_registry(cosine_registry):
+
+
+def test_free_reasons_reach_table_json_and_markdown():
+    import importlib.util
+
+    loaded = importlib.util.spec_from_file_location("exp_pool_inline", REPO / "tests" / "plugins" / "exp_pool.py")
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    registry = vitlab.make_plugin_manager(entry_points=False, plugins=[("exp_pool", module)])[1]
+    with vitlab.use_registry(registry):
         path = REPO / "recipes" / "vit_tiny_patch16_224.yaml"
-        args = ["flops", str(path), "--set", "attention.name=cosine", "--set", "depth=1"]
+        args = ["flops", str(path), "--set", "pool.name=exp_pool", "--set", "depth=1"]
         table = invoke_cli(*args).stdout
         md = invoke_cli(*args, "--format", "md").stdout
         data = json.loads(invoke_cli(*args, "--format", "json").stdout)
-    assert data["free_why"]["aten::exp"] == REASON
-    assert REASON in md and "declared free by a plugin" not in md
-    assert "per-head logit scale" in " ".join(table.split())
+    assert data["unsupported"] == {} and data["free_why"]["aten::expm1"] == REASON
+    assert f"| aten::expm1 | 1 | {REASON} |" in md and "declared free by a plugin" not in md
+    assert f"│ aten::expm1 │ 1 │ {REASON}" in " ".join(table.split())
 
 
 A = ("vitlab-flops-a", "vitlab_flops_order_a", "exp_a")  # module names of their own: nothing cached elsewhere
@@ -52,7 +59,7 @@ vitlab_api = 2
 
 @vitlab.hookimpl
 def vitlab_flop_handles(register):
-    register("aten::exp", flops=lambda inputs, outputs: {n})
+    register("aten::expm1", flops=lambda inputs, outputs: {n})
 """
 
 
@@ -66,7 +73,7 @@ def test_the_first_declaration_is_by_distribution_name(plugin_dist, monkeypatch)
     plugin_dist(DECLARES.format(n=2), dist=B[0], module=B[1], ep=B[2])  # installed first
     plugin_dist(DECLARES.format(n=1), dist=A[0], module=A[1], ep=A[2])
     _, registry = vitlab.make_plugin_manager(strict=False)
-    assert [r.provider for r in registry.op_declarations["aten::exp"]] == [A[0], B[0]]
-    assert registry.op_rules["aten::exp"].provider == A[0]
+    assert [r.provider for r in registry.op_declarations["aten::expm1"]] == [A[0], B[0]]
+    assert registry.op_rules["aten::expm1"].provider == A[0]
     for module in (A[1], B[1]):
         sys.modules.pop(module, None)

@@ -12,7 +12,7 @@ TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads
 
 
 class ExpMlp(vitlab.Mlp):
-    """Test-only MLP: fc2(exp(fc1(x))) -- uses an operator fvcore does not know (aten::exp)."""
+    """Test-only MLP: fc2(expm1(fc1(x))) -- uses an operator fvcore does not know (aten::expm1)."""
 
     name = "expmlp"
 
@@ -22,7 +22,7 @@ class ExpMlp(vitlab.Mlp):
         self.fc2 = torch.nn.Linear(ctx.mlp_hidden_dim, ctx.embed_dim, **ctx.factory_kwargs)
 
     def forward(self, x):
-        return self.fc2(torch.exp(self.fc1(x)))
+        return self.fc2(torch.expm1(self.fc1(x)))
 
 
 class ComponentOnly:
@@ -34,13 +34,13 @@ class ComponentOnly:
 class DeclaresExp(ComponentOnly):
     @vitlab.hookimpl
     def vitlab_flop_handles(self, register):
-        register("aten::exp", flops=lambda inputs, outputs: 7)  # a sentinel count per call
+        register("aten::expm1", flops=lambda inputs, outputs: 7)  # a sentinel count per call
 
 
 class DeclaresExpAgain:
     @vitlab.hookimpl
     def vitlab_flop_handles(self, register):
-        register("aten::exp", free="elementwise")
+        register("aten::expm1", free="elementwise")
 
 
 class DeclaresBuiltinOp:
@@ -64,19 +64,19 @@ def test_builtins_declare_their_ops_through_the_hook():
 
 def test_undeclared_op_is_unsupported_and_declared_op_is_counted():
     without = _analyze(ComponentOnly())
-    assert "aten::exp" in without.unsupported
+    assert "aten::expm1" in without.unsupported
     with_rule = _analyze(DeclaresExp())
-    assert "aten::exp" not in with_rule.unsupported
+    assert "aten::expm1" not in with_rule.unsupported
     assert with_rule.flops == without.flops + 7  # one exp call (one block) counted by the declared handle
 
 
 class ExpPool(vitlab.Pool):
-    """Test-only pool: exp of the class token (one aten::exp outside any MLP)."""
+    """Test-only pool: expm1 of the class token (one aten::expm1 outside any MLP)."""
 
     name = "exppool"
 
     def forward(self, x):
-        return torch.exp(x[:, 0])
+        return torch.expm1(x[:, 0])
 
 
 class PoolOnly:
@@ -97,10 +97,10 @@ def test_op_declared_twice_is_not_fatal_and_names_both_providers():
     for strict in (True, False):
         _, registry = make_plugin_manager(entry_points=False, plugins=[("a", DeclaresExp()), ("b", DeclaresExpAgain())],
                                           strict=strict)
-        assert registry.op_rules["aten::exp"].provider == "a"  # the first declaration, deterministically
-        assert [r.provider for r in registry.op_declarations["aten::exp"]] == ["a", "b"]
+        assert registry.op_rules["aten::expm1"].provider == "a"  # the first declaration, deterministically
+        assert [r.provider for r in registry.op_declarations["aten::expm1"]] == ["a", "b"]
         assert registry.warnings() == [
-            "FLOPs of aten::exp are declared by 'a' and by 'b': each counts it inside its own components, 'a' everywhere else"
+            "FLOPs of aten::expm1 are declared by 'a' and by 'b': each counts it inside its own components, 'a' everywhere else"
         ]
     _, registry = make_plugin_manager(entry_points=False, plugins=[("c", DeclaresBuiltinOp())])
     assert registry.op_rules["aten::scaled_dot_product_attention"].provider == "vitlab"
@@ -113,11 +113,11 @@ def test_op_declared_twice_is_not_fatal_and_names_both_providers():
 def test_each_plugin_counts_the_operator_inside_its_own_components():
     # a declares exp = 7 and owns expmlp; b declares exp free; c owns exppool and declares nothing
     _, first_a = _exp_report(("a", DeclaresExp()), ("b", DeclaresExpAgain()), ("c", PoolOnly()))
-    assert first_a.by_operator["aten::exp"] == 3 * 7  # two blocks' MLPs (a's own) and the pool (a's rule is first)
-    assert "aten::exp" not in first_a.free_ops and "aten::exp" not in first_a.unsupported
+    assert first_a.by_operator["aten::expm1"] == 3 * 7  # two blocks' MLPs (a's own) and the pool (a's rule is first)
+    assert "aten::expm1" not in first_a.free_ops and "aten::expm1" not in first_a.unsupported
     _, first_b = _exp_report(("b", DeclaresExpAgain()), ("a", DeclaresExp()), ("c", PoolOnly()))
-    assert first_b.by_operator["aten::exp"] == 2 * 7  # a's own MLPs still count 7 each
-    assert first_b.free_ops["aten::exp"] == 1  # the pool's exp follows b's rule, the first one
+    assert first_b.by_operator["aten::expm1"] == 2 * 7  # a's own MLPs still count 7 each
+    assert first_b.free_ops["aten::expm1"] == 1  # the pool's exp follows b's rule, the first one
     assert first_b.flops == first_a.flops - 7
 
 
@@ -134,18 +134,18 @@ def test_counting_uses_the_registry_the_model_was_built_with():
     model = vitlab.build_model(vitlab.load_spec({**TINY, "mlp": "expmlp"}, registry=registry), registry=registry, device="meta")
     assert model.registry is registry
     report = vitlab.analyze(model, second_opinion=False)  # the process registry (built-ins only) is active
-    assert report.by_operator["aten::exp"] == 7 and "aten::exp" not in report.unsupported
+    assert report.by_operator["aten::expm1"] == 7 and "aten::expm1" not in report.unsupported
     from vitlab.analysis.count import count
 
     images = torch.empty(1, 3, 32, 32, device="meta")
     builtin_only = count(model.eval(), (images,), second_opinion=False, registry=vitlab.get_registry())
-    assert builtin_only.unsupported["aten::exp"] == 1  # an explicit registry wins
+    assert builtin_only.unsupported["aten::expm1"] == 1  # an explicit registry wins
 
 
 @pytest.mark.parametrize("args, match", [
     (("exp",), "expected a traced name"),
-    (("aten::exp",), "neither a handle nor a reason"),
-    (("aten::exp", {"flops": 3}), "not callable"),
+    (("aten::expm1",), "neither a handle nor a reason"),
+    (("aten::expm1", {"flops": 3}), "not callable"),
 ])
 def test_malformed_declarations_fail_at_startup(args, match):
     op, kwargs = args[0], (args[1] if len(args) > 1 else {})

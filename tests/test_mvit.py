@@ -1,6 +1,7 @@
 """MViTv2's components against hand computations: ``pooling`` attention (plain attention when
 nothing is pooled, the decomposed relative position term by term), the ``pooling_block``
-transition (its grid, prefix tokens, max-pooled residual) and the ``conv_padded`` stem."""
+transition (its grid, prefix tokens, max-pooled residual, the held block of ``widen: mlp``) and the
+``conv_padded`` stem."""
 from __future__ import annotations
 
 import pytest
@@ -72,6 +73,34 @@ def test_pooling_block_pools_the_grid_and_keeps_the_prefix():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+WIDEN = {"name": "pooling_block", "params": {"widen": "mlp", "in_heads": 1, "in_attention": {"stride_kv": 4},
+                                             "attention": {"stride_kv": 2}}}
+
+
+def test_widen_mlp_holds_the_previous_stages_last_block():
+    model = _model(stages=[STAGED["stages"][0], {**STAGED["stages"][1], "transition": WIDEN}])
+    t = model.transitions["1"]
+    held = t.widen
+    # the held block: the previous stage's width, grid and heads, its own key / value stride, an MLP 16 -> 64 -> 32
+    assert held.attn.num_heads == 1 and held.attn.pool_k.stride == (4, 4) and t.attn.pool_k.stride == (2, 2)
+    assert (held.mlp.fc1.in_features, held.mlp.fc1.out_features, held.mlp.fc2.out_features) == (16, 64, 32)
+    assert t.shortcut_proj_attn is None and t.attn.qkv.in_features == 32  # the pooling block keeps the width
+    x = torch.randn(2, 2 + 64, 16)
+    state = ForwardState.start((8, 8), 2)
+    with torch.no_grad():
+        mid = x + held.attn(held.norm1(x), state)
+        widened = held.shortcut_proj_mlp(held.norm2(mid)) + held.mlp(held.norm2(mid))  # (2, 66, 32)
+        torch.testing.assert_close(held(x, state), widened)
+        out, new = t(x, state)
+        assert out.shape == (2, 2 + 16, 32) and new.grid == (4, 4)
+    with pytest.raises(SpecError, match="in_heads dividing"):
+        load_spec({**STAGED, "stages": [STAGED["stages"][0], {**STAGED["stages"][1], "transition": {
+            "name": "pooling_block", "params": {"widen": "mlp", "in_heads": 3}}}]})
+    with pytest.raises(SpecError, match="widen 'mlp' only"):
+        load_spec({**STAGED, "stages": [STAGED["stages"][0], {**STAGED["stages"][1], "transition": {
+            "name": "pooling_block", "params": {"in_heads": 1}}}]})
+
+
 def test_padded_conv_stem():
     model = _model()
     x = torch.randn(1, 3, 32, 32)
@@ -89,6 +118,6 @@ def test_what_does_not_fit_is_refused():
             STAGED["stages"][0], {**STAGED["stages"][1], "transition": {
                 "name": "pooling_block", "params": {"stride_q": 3, "attention": {"kernel": 5}}}}]})
     assert PoolingBlock.out_grid((7, 7), PoolingBlock.Params()) == (4, 4)
-    rope = _model(pos_embed="rope")
-    with pytest.raises(SpecError, match="no position transform"):
-        rope(torch.randn(1, 3, 32, 32))
+    with pytest.raises(SpecError, match="pooling has no place for the transform of queries and keys pos_embed "
+                                        "'rope' gives"):  # refused when it validates, not at the first forward
+        _model(pos_embed="rope")

@@ -202,22 +202,22 @@ def test_reusing_a_builtin_name_fails_only_that_plugin(with_good):
 # --- FLOP rules for the same operator from two plugins -----------------------------------------------
 
 def test_same_operator_from_two_plugins_is_not_fatal_and_each_counts_its_own(plugin_dist, test_eps):
-    plugin_dist("exp_mlp.py", dist=A_DIST, module=A_MODULE, ep=A_EP)  # aten::exp = 7, first by name
-    plugin_dist("exp_pool.py", dist=B_DIST, module=B_MODULE, ep=B_EP)  # aten::exp free
+    plugin_dist("exp_mlp.py", dist=A_DIST, module=A_MODULE, ep=A_EP)  # aten::expm1 = 7, first by name
+    plugin_dist("exp_pool.py", dist=B_DIST, module=B_MODULE, ep=B_EP)  # aten::expm1 free
     for strict in (True, False):
         _, reg = vitlab.make_plugin_manager(strict=strict)
-        assert reg.failures == [] and reg.op_rules["aten::exp"].provider == A_DIST
-        assert [r.provider for r in reg.op_declarations["aten::exp"]] == [A_DIST, B_DIST]
+        assert reg.failures == [] and reg.op_rules["aten::expm1"].provider == A_DIST
+        assert [r.provider for r in reg.op_declarations["aten::expm1"]] == [A_DIST, B_DIST]
         assert reg.warnings() == [
-            f"FLOPs of aten::exp are declared by '{A_DIST}' and by '{B_DIST}': "
+            f"FLOPs of aten::expm1 are declared by '{A_DIST}' and by '{B_DIST}': "
             f"each counts it inside its own components, '{A_DIST}' everywhere else"
         ]
     spec = vitlab.load_spec({**TINY, "depth": 2, "mlp": "exp_mlp", "pool": "exp_pool"}, registry=reg)
     report = vitlab.analyze(vitlab.build_model(spec, registry=reg, device="meta"), second_opinion=False)
     # two blocks' exp inside exp_mlp counted by its plugin (7 each); the pool's exp is free by its own
-    assert report.by_operator["aten::exp"] == 14
-    assert report.free_ops["aten::exp"] == 1
-    assert "aten::exp" not in report.unsupported
+    assert report.by_operator["aten::expm1"] == 14
+    assert report.free_ops["aten::expm1"] == 1
+    assert "aten::expm1" not in report.unsupported
 
 
 # --- sys.exit() and KeyboardInterrupt at import -------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitlab import analyze, build_model, load_spec
+from vitlab import SpecError, analyze, build_model, load_spec
 from vitlab.state import ForwardState
 
 pvt = pytest.importorskip("timm.models.pvt_v2")
@@ -55,3 +55,11 @@ def test_bundled_recipe_is_pvt_v2_b0():
     spec = load_spec("pvt_v2_b0")
     assert [st.embed_dim for st in spec.stages] == [32, 64, 160, 256]
     assert analyze(spec).stage_tokens == [3136, 784, 196, 49]
+
+
+def test_a_conv_mlp_outside_a_block_that_hands_it_the_grid_is_refused_at_validation():
+    """It once validated and failed at the first forward; now the spec names the MLP and the blocks
+    that can hold it (``Mlp.takes_state`` / ``Block.gives_mlp_state``)."""
+    with pytest.raises(SpecError, match="mlp: conv_mlp needs the patch grid, which block 'prenorm' does not "
+                                               "hand its MLP; use a block that does: .*prenorm_grid"):
+        load_spec("pvt_v2_b0", overrides={"block.name": "prenorm"})

@@ -501,7 +501,8 @@ ELSEWHERE = {
     "swin_transformer_v2": "test_timm_swin_v2", "swin_transformer_v2_cr": "test_timm_swin_v2",
     "pvt_v2": "test_timm_pvt_v2", "twins": "test_timm_twins", "levit": "test_timm_levit",
     "mvitv2": "test_timm_mvitv2", "hiera": "test_timm_hiera", "hieradet_sam2": "test_timm_hieradet_sam2",
-    "nest": "test_timm_nest",
+    "nest": "test_timm_nest", "coat": "test_timm_coat", "tiny_vit": "test_timm_tiny_vit", "volo": "test_timm_volo",
+    "davit": "test_timm_davit", "gcvit": "test_timm_gcvit",
 }
 
 

@@ -57,12 +57,21 @@ COVERAGE = {  # every family of zoo.FAMILIES, in its order
     "twins": Expect(total=6, reads=("twins_pcpvt_small", "twins_svt_small")),  # locally-grouped and sub-sampled attention
     # 128s, 192, 384: a stage whose width its heads do not divide (LeViT's heads are key_dim wide)
     "levit": Expect(total=20, reads=("levit_128", "levit_conv_128", "levit_128s", "levit_conv_384_s8")),
-    # 1 refused: mvitv2_large widens the tokens in the MLP of a stage's last block (expand_attn=False)
-    "mvitv2": Expect(total=8, refused={"expand_attn=False": 1}, reads=("mvitv2_tiny", "mvitv2_small_cls")),
+    # mvitv2_large's stages widen in their last block's MLP (expand_attn=False): held by the next transition
+    "mvitv2": Expect(total=8, reads=("mvitv2_tiny", "mvitv2_small_cls", "mvitv2_large")),
     "hiera": Expect(total=8, reads=("hiera_tiny_224", "hiera_small_abswin_256")),  # q-pooling, mask units
     # per-stage windows padded to whole windows, global blocks among them, abswin without antialiasing
     "hieradet_sam2": Expect(total=5, reads=("sam2_hiera_tiny", "sam2_hiera_large", "hieradet_small")),
     "nest": Expect(total=6, reads=("nest_tiny", "nest_tiny_jx")),  # attention within blocks, conv-pool aggregation
+    # CoaT-Lite: conv position encodings per stage, factorized attention; 3 refused: the non-lite models' parallel
+    # blocks mix all four stages' tokens at once
+    "coat": Expect(total=8, refused={"parallel blocks": 3}, reads=("coat_lite_tiny", "coat_lite_medium_384")),
+    # MBConv first stage, windows with a bias per |offset|, local conv; img_size from pretrained_cfg (384, 512)
+    "tiny_vit": Expect(total=5, reads=("tiny_vit_5m_224", "tiny_vit_21m_224", "tiny_vit_21m_512")),
+    "volo": Expect(total=11, reads=("volo_d1_224", "volo_d5_512")),  # outlook attention, class attention, aux head
+    # channel attention (v2: Florence-2), conv position encodings in the blocks, norm-conv downsampling
+    "davit": Expect(total=8, reads=("davit_tiny", "davit_base_fl")),
+    "gcvit": Expect(total=5, reads=("gcvit_xxtiny", "gcvit_base")),  # global query tokens per stage, MBConv stem
 }
 
 
@@ -88,11 +97,10 @@ def test_markdown_table_lists_families_and_totals(zoo_coverage):
 
 # The README's table of timm's hierarchical families: its rows, the timm modules each row counts
 README_ROWS = {
-    "Swin v1, v2, v2-cr · Hiera, SAM 2 Hiera · PVTv2, Twins · NesT · LeViT": (
+    "Swin v1, v2, v2-cr · Hiera, SAM 2 Hiera · PVTv2, Twins · NesT · LeViT · MViTv2 · DaViT · GCViT · TinyViT · VOLO": (
         "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr", "hiera", "hieradet_sam2", "pvt_v2",
-        "twins", "nest", "levit"),
-    "MViTv2": ("mvitv2",), "DaViT": ("davit",), "GCViT": ("gcvit",), "TinyViT": ("tiny_vit",), "CoaT": ("coat",),
-    "VOLO": ("volo",), "CrossViT, TNT": ("crossvit", "tnt"),
+        "twins", "nest", "levit", "mvitv2", "davit", "gcvit", "tiny_vit", "volo"),
+    "CoaT": ("coat",), "CrossViT, TNT": ("crossvit", "tnt"),
 }
 
 

@@ -205,6 +205,9 @@ def _spec_sizes(spec) -> dict[str, int]:
     return sizes
 
 
+_HEAD_KEY = re.compile(r"head(_dist)?\.(.+\.)?weight$")  # a classifier's weights, under the head
+
+
 def _size_problems(sizes: dict[str, int], header: _Header) -> list[tuple[str, str]]:
     """(field, problem) for each stated size that the tensor shapes contradict, found before
     anything is built: a spec claiming ``depth: 10**12`` over a 2 MB file would otherwise spend
@@ -226,10 +229,18 @@ def _size_problems(sizes: dict[str, int], header: _Header) -> list[tuple[str, st
               if field in sizes and key in shapes]
     problems += [("embed_dim", f"is {sizes[field]} but the file's {key} has shape {shapes[key]}")
                  for key, field in widths if sizes[field] not in shapes[key]][:1]  # one problem: the first
-    for field, key, dim in (("reg_tokens", "reg_token", 1), ("num_classes", "head.weight", 0)):
-        if field in sizes and _dim(shapes, key, dim) != sizes[field]:
-            where = f"the file's {key} has shape {shapes[key]}" if key in shapes else f"the file has no {key} (0)"
-            problems.append((field, f"is {sizes[field]} but {where}"))
+    if "reg_tokens" in sizes and _dim(shapes, "reg_token", 1) != sizes["reg_tokens"]:
+        where = f"the file's reg_token has shape {shapes['reg_token']}" if "reg_token" in shapes else \
+            "the file has no reg_token (0)"
+        problems.append(("reg_tokens", f"is {sizes['reg_tokens']} but {where}"))
+    if "num_classes" in sizes:
+        # the classifier: head.weight, or the 2-D weights of a pool's own head (LeViT's BN-linear)
+        heads = {k: v for k, v in shapes.items() if _HEAD_KEY.match(k) and len(v) == 2}
+        classes = {v[0] for v in heads.values()} or {0}
+        if sizes["num_classes"] not in classes:
+            where = (f"the file's {', '.join(f'{k} has shape {v}' for k, v in list(heads.items())[:2])}" if heads
+                     else "the file has no head.weight (0)")
+            problems.append(("num_classes", f"is {sizes['num_classes']} but {where}"))
     return problems
 
 

@@ -108,6 +108,12 @@ class PosEncoding(Component):
         return None
 
     @classmethod
+    def gives_qk_transform(cls) -> bool:
+        """Whether this encoding has a ``qk_transform`` of its own (checked against attention that
+        takes none, ``Attention.takes_qk_transform``, when a recipe validates)."""
+        return cls.qk_transform is not PosEncoding.qk_transform
+
+    @classmethod
     def gives_attn_bias(cls) -> bool:
         """Whether this encoding has an ``attn_bias`` of its own (checked against attention that
         takes none, ``Attention.takes_attn_bias``, when a recipe validates)."""
@@ -138,6 +144,8 @@ class Attention(Component):
     # False: no place for an additive bias over token pairs (XCiT's channel attention); a recipe
     # whose position encoding gives one is refused when it validates
     takes_attn_bias: ClassVar[bool] = True
+    # False: no place for a transform of queries and keys (RoPE): keys pooled or queries not tokens
+    takes_qk_transform: ClassVar[bool] = True
     # True: heads split the width (head_dim = embed_dim / num_heads), so the spec refuses a width
     # its heads do not divide; False: each head has a width of its own (LeViT's key_dim)
     splits_width: ClassVar[bool] = True
@@ -186,6 +194,9 @@ class Mlp(Component):
     """Channel mixing (B, N, D) -> (B, N, D)."""
 
     kind = "mlp"
+    # True: forward(x, state), for an MLP that needs the grid (PVTv2's depthwise conv); only blocks
+    # that hand their MLP the state (``Block.gives_mlp_state``) can hold it, checked at validation
+    takes_state: ClassVar[bool] = False
 
 
 class Norm(Component):
@@ -208,6 +219,8 @@ class Block(Component):
     """
 
     kind = "block"
+    # True: calls its MLP as mlp(x, state) when the MLP ``takes_state``
+    gives_mlp_state: ClassVar[bool] = False
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor | tuple[torch.Tensor, ForwardState]:
         raise NotImplementedError

@@ -19,6 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, Val
 from pydantic_core import InitErrorDetails
 
 from .kinds import BLOCK_KINDS, KINDS
+from .compat import pairing_errors
 from .context import BuildContext
 from .errors import Problem, SpecError
 from .layout import BlockPlan, StagePlan, apply_layers, at_spans
@@ -327,23 +328,7 @@ class ViTSpec(BaseModel):
                 errors.append(error_detail(loc, f"{sel.name}{from_plugin}{where} {exc}", sel.name))
             except Exception as exc:  # a bug in foreign code: say whose, not a traceback
                 errors.append(error_detail(loc, f"{sel.name}{from_plugin}: its check() raised {type(exc).__name__}: {exc}", sel.name))
-        return errors + self._check_bias_takers(registry)
-
-    def _check_bias_takers(self, registry: Registry) -> list[InitErrorDetails]:
-        """An attention with no place for an attention bias (``takes_attn_bias = False``) under a
-        position encoding that gives one, located at the recipe entry that chose the attention."""
-        pe = self.pos_embed.name
-        if not registry.get("pos_embed", pe).cls.gives_attn_bias():
-            return []
-        errors, seen = [], set()
-        for plan in self.block_plans():
-            sel, loc = plan.selections["attention"], plan.source["attention"]
-            if loc in seen or registry.get("attention", sel.name).cls.takes_attn_bias:
-                continue
-            seen.add(loc)
-            errors.append(error_detail(loc, f"{sel.name} has no place for the attention bias pos_embed '{pe}' gives "
-                                      "(a bias over token pairs)", sel.name))
-        return errors
+        return errors + pairing_errors(self.pos_embed.name, self.block_plans(), registry)
 
     # --- derived sizes ----------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""MLP ``exp_mlp`` (fc2(exp(fc1(x))): one aten::exp per block) and a FLOP rule for aten::exp
+"""MLP ``exp_mlp`` (fc2(expm1(fc1(x))): one aten::expm1 per block) and a FLOP rule for aten::expm1
 counting a sentinel 7 per call."""
 import torch
 
@@ -8,7 +8,7 @@ vitlab_api = 2  # the plugin API this module targets
 
 
 class ExpMlp(vitlab.Mlp):
-    """fc2(exp(fc1(x))) (test plugin)."""
+    """fc2(expm1(fc1(x))) (test plugin)."""
 
     name = "exp_mlp"
 
@@ -18,7 +18,7 @@ class ExpMlp(vitlab.Mlp):
         self.fc2 = torch.nn.Linear(ctx.mlp_hidden_dim, ctx.embed_dim, **ctx.factory_kwargs)
 
     def forward(self, x):
-        return self.fc2(torch.exp(self.fc1(x)))
+        return self.fc2(torch.expm1(self.fc1(x)))
 
 
 @vitlab.hookimpl
@@ -28,4 +28,4 @@ def vitlab_register_components(register):
 
 @vitlab.hookimpl
 def vitlab_flop_handles(register):
-    register("aten::exp", flops=lambda inputs, outputs: 7)
+    register("aten::expm1", flops=lambda inputs, outputs: 7)

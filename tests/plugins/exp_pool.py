@@ -1,4 +1,4 @@
-"""Pool ``exp_pool`` (exp of the class token: one aten::exp per forward), declaring aten::exp
+"""Pool ``exp_pool`` (expm1 of the class token: one aten::expm1 per forward), declaring aten::expm1
 free -- the same operator ``exp_mlp`` counts as 7."""
 import torch
 
@@ -8,12 +8,12 @@ vitlab_api = 2  # the plugin API this module targets
 
 
 class ExpPool(vitlab.Pool):
-    """exp of the class token (test plugin)."""
+    """expm1 of the class token (test plugin)."""
 
     name = "exp_pool"
 
     def forward(self, x):
-        return torch.exp(x[:, 0])
+        return torch.expm1(x[:, 0])
 
 
 @vitlab.hookimpl
@@ -23,4 +23,4 @@ def vitlab_register_components(register):
 
 @vitlab.hookimpl
 def vitlab_flop_handles(register):
-    register("aten::exp", free="elementwise")
+    register("aten::expm1", free="elementwise")

@@ -22,13 +22,18 @@ from . import levit  # LeViT: BN-linear attention with offset biases, subsample 
 from . import mvit  # MViTv2: pooling attention, pooling block transition, padded conv stem
 from . import hiera  # Hiera and SAM 2's Hiera: q-pooling transition, absolute-window positions
 from . import nest  # NesT: block aggregation (conv, norm, max pool) with a position table per level
+from . import coat  # CoaT-Lite: per-stage conv position encodings, factorized attention, class token per stage
+from . import volo  # VOLO: outlook attention, conv stem, downsample with its position table, token-labeling head
+from . import davit  # DaViT: channel attention, conv position encodings in the block, norm-conv downsample
+from . import tiny_vit  # TinyViT: MBConv blocks, window attention with offset biases, local conv, conv merging
+from . import gcvit  # GCViT: global query tokens per stage, MBConv stem and downsampler
 
 vitlab_api = VITLAB_API  # the built-ins are a plugin like any other
 
 MODULES = (patch_embed, pos_embed, rope, attention, subln, relpos, mlp, norm, block, pool, map_pool, distilled,
            transition, window, class_attention, talking_heads, xcit_stem, fourier, xcit, naflex, sam, convit,
            hybrid, diff_attention,
-           vlm_pos, vlm_pool, pixel_norm, qkv_norm, glu, sandwich, swin_v2, pvt, twins, levit, mvit, hiera, nest)
+           vlm_pos, vlm_pool, pixel_norm, qkv_norm, glu, sandwich, swin_v2, pvt, twins, levit, mvit, hiera, nest, volo, coat, davit, gcvit, tiny_vit)
 
 
 @hookimpl

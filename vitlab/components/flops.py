@@ -69,6 +69,11 @@ FREE_OPS: dict[str, str] = {
     # Swin v2's cosine attention: its learned logit scale, exp(min(s, ln 100)), per head
     "aten::exp": "exponential of a per-head logit scale (Swin v2's cosine attention): elementwise; fvcore does "
                  "not count it",
+    # VOLO's outlook attention unfolds values into neighbourhoods and folds them back; its head takes a max
+    "aten::im2col": "unfold (outlook attention's neighbourhoods): a copy; fvcore does not count it",
+    "aten::col2im": "fold (outlook attention): overlapping neighbourhoods summed, additions only; fvcore does not "
+                    "count it",
+    "aten::max": "maximum over tokens (VOLO's token-labeling head): comparisons; fvcore does not count it",
 }
 """Operators counted as 0 FLOPs on purpose. fvcore's own ``_IGNORED_OPS`` (reshapes, copies,
 ``cat``, ``dropout``, ``relu``, ...) are ignored before these are looked at."""

@@ -35,6 +35,8 @@ from ..layers import Linear, drop_path, layer_scale
 from ..limits import LIMITS
 from ..sizes import as_pair
 from ..state import ForwardState
+from .window import partition, unpartition
+
 
 def pool_grid(x: torch.Tensor, grid: tuple[int, int], stride: int, mode: str = "max") -> torch.Tensor:
     """(..., gh * gw, C) tokens on ``grid`` -> (..., (gh // s) * (gw // s), C): each ``s x s``
@@ -47,22 +49,6 @@ def pool_grid(x: torch.Tensor, grid: tuple[int, int], stride: int, mode: str = "
     pool = F.max_pool2d if mode == "max" else F.avg_pool2d
     out = pool(img, stride, stride)  # (B', C, gh // s, gw // s)
     return out.flatten(2).transpose(1, 2).reshape(*lead, -1, C)
-
-
-def _windows(t: torch.Tensor, grid: tuple[int, int], w: int) -> torch.Tensor:
-    """(B, h, gh * gw, hd), sides multiples of ``w`` -> (B, h, windows, w * w, hd)."""
-    B, H, _, C = t.shape
-    gh, gw = grid
-    t = t.reshape(B, H, gh // w, w, gw // w, w, C).permute(0, 1, 2, 4, 3, 5, 6)
-    return t.reshape(B, H, (gh // w) * (gw // w), w * w, C)
-
-
-def _unwindows(t: torch.Tensor, grid: tuple[int, int], w: int) -> torch.Tensor:
-    """(B, h, windows, w * w, hd) -> (B, h, gh * gw, hd) in raster order."""
-    B, H, _, _, C = t.shape
-    gh, gw = grid
-    t = t.reshape(B, H, gh // w, gw // w, w, w, C).permute(0, 1, 2, 4, 3, 5, 6)
-    return t.reshape(B, H, gh * gw, C)
 
 
 class AbsWinPosEmbed(PosEncoding):
@@ -118,9 +104,9 @@ class _PooledAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, x.shape[1], 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, h, N, hd)
         if w:
-            q, k, v = (_windows(t, padded, w) for t in (q, k, v))  # (B, h, windows, w², hd)
+            q, k, v = (partition(t, padded, w) for t in (q, k, v))  # (B, h, windows, w², hd)
             q = pool_grid(q, (w, w), s)  # (B, h, windows, (w / s)², hd)
-            out = _unwindows(F.scaled_dot_product_attention(q, k, v), (padded[0] // s, padded[1] // s), w // s)
+            out = unpartition(F.scaled_dot_product_attention(q, k, v), (padded[0] // s, padded[1] // s), w // s)
         else:
             out = F.scaled_dot_product_attention(pool_grid(q, grid, s), k, v)  # (B, h, N / s², hd)
         out = self.proj(out.transpose(1, 2).reshape(B, out.shape[2], -1))  # SAM 2 projects the pads too

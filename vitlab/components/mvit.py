@@ -9,7 +9,10 @@
 * ``pooling_block``: the first block of an MViTv2 stage, as the ``transition`` into it: the
   pooling attention widens the tokens to the stage's width and pools the queries by
   ``stride_q``; the residual is projected to that width (from the normed tokens) and max-pooled
-  with the same stride; then the recipe's MLP, as in a pre-norm block.
+  with the same stride; then the recipe's MLP, as in a pre-norm block. With ``widen: mlp``
+  (timm's ``expand_attn=False``, ``mvitv2_large``) the previous stage's last block widens the
+  tokens in its MLP instead, so the transition holds that block too (``widen``: at the previous
+  stage's width, grid and heads ``in_heads``), then pools at the stage's width.
 * ``conv_padded``: a convolution patch embedding with zero padding (kernel ``patch_size``, a
   stride, padding), no norm: MViTv2's 7x7 stride 4 padding 3 stem (with the defaults, stride the
   patch size and no padding, it is ``conv``).
@@ -64,6 +67,7 @@ class PoolingAttention(Attention):
     name = "pooling"
     has_maps = False  # keys are pooled: N x N_kv maps, not the N x N that rollout multiplies
     takes_attn_bias = False  # the relative position is its own, read by the pooled queries
+    takes_qk_transform = False  # keys pooled / no query-key product: nothing to rotate
 
     class Params(Attention.Params):
         qkv_bias: StrictBool = True
@@ -161,12 +165,45 @@ class PoolingAttention(Attention):
         return self.proj_drop(self.proj(out))
 
 
+class WideningBlock(nn.Module):
+    """timm's last block of an MViTv2 stage with ``expand_attn=False``: a pre-norm block of
+    ``pooling`` attention (nothing strided) at the width of ``ctx`` whose MLP ends at ``dim_out``;
+    the MLP's residual is then the normed tokens projected (``shortcut_proj_mlp``), as in timm."""
+
+    def __init__(self, ctx: BuildContext, attention: PoolingAttention.Params, dim_out: int):
+        super().__init__()
+        D = ctx.embed_dim
+        self.norm1 = ctx.make("norm")
+        self.attn = PoolingAttention(ctx, attention)
+        self.drop_path1 = drop_path(ctx.drop_path)
+        self.norm2 = ctx.make("norm")
+        self.shortcut_proj_mlp = Linear(D, dim_out, **ctx.factory_kwargs) if D != dim_out else None
+        self.mlp = ctx.make("mlp")
+        fc2 = getattr(self.mlp, "fc2", None)
+        if not isinstance(fc2, nn.Linear):
+            raise SpecError(f"pooling_block's widen 'mlp' needs an MLP whose output layer is a Linear 'fc2' "
+                            f"(it ends at the next stage's width); {type(self.mlp).__name__} has none")
+        # the recipe's MLP at this width, its output layer widened to the next stage's
+        self.mlp.fc2 = Linear(fc2.in_features, dim_out, bias=fc2.bias is not None, **ctx.factory_kwargs)
+        self.drop_path2 = drop_path(ctx.drop_path)
+
+    def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        """(B, P + N, D) -> (B, P + N, dim_out) on the same grid."""
+        x = x + self.drop_path1(self.attn(self.norm1(x), state))
+        x_norm = self.norm2(x)
+        shortcut = x if self.shortcut_proj_mlp is None else self.shortcut_proj_mlp(x_norm)
+        return shortcut + self.drop_path2(self.mlp(x_norm))
+
+
 class PoolingBlock(Transition):
     """MViTv2's first block of a stage as the transition into it: pooling attention that widens the tokens and pools the queries by stride_q, a projected and max-pooled residual, then the recipe's MLP.
 
     Its attention is ``pooling`` with its own params (``attention``: MViTv2's key / value
     stride differs per stage); the norms and the MLP are the recipe's. Prefix tokens pass the
-    pools unpooled.
+    pools unpooled. With ``widen: mlp`` the previous stage's last block comes first, as
+    ``widen`` (a ``WideningBlock`` with ``in_heads`` heads and ``in_attention``), its MLP widening
+    the tokens; the pooling block then keeps the width. Its MLP's hidden width is the stage's
+    scaled to the previous width (``mlp_hidden_dim * in_dim // embed_dim``).
     """
 
     name = "pooling_block"
@@ -175,6 +212,13 @@ class PoolingBlock(Transition):
         stride_q: int = Field(2, gt=0, le=LIMITS["img_size"], description="pooling stride of the queries and the residual")
         attention: PoolingAttention.Params = Field(
             default_factory=PoolingAttention.Params, description="the block's pooling attention (params of 'pooling')")
+        widen: Literal["attn", "mlp"] = Field(
+            "attn", description="attn: the pooling attention widens the tokens; mlp: the previous stage's last "
+            "block, held here, widens them in its MLP (timm's expand_attn=False)")
+        in_heads: Optional[int] = Field(None, gt=0, le=LIMITS["embed_dim"],
+                                        description="widen mlp: heads of the held block (the previous stage's)")
+        in_attention: Optional[PoolingAttention.Params] = Field(
+            None, description="widen mlp: the held block's pooling attention; null = attention")
 
     @classmethod
     def out_grid(cls, grid, params: Params):
@@ -195,10 +239,22 @@ class PoolingBlock(Transition):
                              f"{params.attention.kernel}) give different grids for stride_q {params.stride_q}; "
                              "use kernel 3 (or stride_q 1)")
         PoolingAttention.check(ctx, params.attention)
+        if params.widen == "attn":
+            if params.in_heads is not None or params.in_attention is not None:
+                raise ValueError("in_heads and in_attention are the held block's: set them with widen 'mlp' only")
+            return
+        if params.in_heads is None or ctx.in_dim % params.in_heads:
+            raise ValueError(f"widen 'mlp' needs in_heads dividing the previous width {ctx.in_dim} "
+                             f"(got {params.in_heads})")
+        PoolingAttention.check(ctx, params.in_attention or params.attention)
 
     def __init__(self, ctx: BuildContext, params: Params):
         super().__init__(ctx, params)
         D_in, D, fk = ctx.in_dim, ctx.embed_dim, ctx.factory_kwargs
+        if params.widen == "mlp":  # the held block at the previous width, grid and heads
+            held = ctx.replace(embed_dim=D_in, num_heads=params.in_heads, mlp_hidden_dim=ctx.mlp_hidden_dim * D_in // D)
+            self.widen = WideningBlock(held, params.in_attention or params.attention, D)
+            D_in = D
         self.norm1 = ctx.make("norm", dim=D_in)
         self.shortcut_proj_attn = Linear(D_in, D, **fk) if D_in != D else None
         skip = self._skip(params.stride_q)
@@ -213,6 +269,8 @@ class PoolingBlock(Transition):
         grid = state.require_grid(f"transition '{self.name}' (stage {state.stage_index})")
         state.check_tokens(x, f"transition '{self.name}'")
         P = state.num_prefix
+        if self.params.widen == "mlp":
+            x = self.widen(x, state)  # (B, P + N, D)
         x_norm = self.norm1(x)
         # as timm (and the original): the residual is the normed tokens only when projected
         shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)

@@ -133,6 +133,7 @@ class SpatialReductionAttention(Attention):
     name = "sra"
     # queries and keys are on different grids: no shared (N x N) bias, no q/k transform
     takes_attn_bias = False
+    takes_qk_transform = False  # keys on a reduced grid: no RoPE over them
     has_maps = False  # its probabilities are (N x reduced N): no square map over tokens
 
     class Params(Attention.Params):
@@ -195,7 +196,7 @@ class ConvMlp(FeedForward):
     """fc1, a depthwise convolution of the hidden features on the patch grid, the activation, fc2 (PVTv2's MLP; needs a ``prenorm_grid`` block)."""
 
     name = "conv_mlp"
-    takes_state = True  # called as mlp(x, state) by blocks that look for this (``prenorm_grid``)
+    takes_state = True  # called as mlp(x, state) by blocks that hand it (``prenorm_grid``, ``prenorm_cpe``)
 
     class Params(FeedForward.Params):
         kernel_size: int = Field(3, gt=0, le=LIMITS["img_size"], description="odd side of the depthwise convolution")
@@ -228,11 +229,12 @@ class GridPreNormBlock(PreNormBlock):
     """Pre-norm block whose MLP also receives the forward state (the patch grid PVTv2's conv MLP needs)."""
 
     name = "prenorm_grid"
+    gives_mlp_state = True
 
     def forward(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), state)))
         h = self.norm2(x)
-        h = self.mlp(h, state) if getattr(self.mlp, "takes_state", False) else self.mlp(h)
+        h = self.mlp(h, state) if self.mlp.takes_state else self.mlp(h)
         return x + self.drop_path2(self.ls2(h))
 
 

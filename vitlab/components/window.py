@@ -35,7 +35,7 @@ from .swin_v2 import add_continuous_bias, add_logit_scale, continuous_bias, cosi
 SHIFT_MASK = -100.0  # timm's (not -inf): a masked logit, exp(-100) of the weight, never NaN
 
 
-def _partition(t: torch.Tensor, grid: tuple[int, int], w: int) -> torch.Tensor:
+def partition(t: torch.Tensor, grid: tuple[int, int], w: int) -> torch.Tensor:
     """(B, h, gh * gw, hd) patches, sides multiples of ``w`` -> (B, h, windows, w * w, hd)."""
     B, H, _, C = t.shape
     gh, gw = grid
@@ -43,7 +43,7 @@ def _partition(t: torch.Tensor, grid: tuple[int, int], w: int) -> torch.Tensor:
     return t.reshape(B, H, (gh // w) * (gw // w), w * w, C)
 
 
-def _unpartition(t: torch.Tensor, grid: tuple[int, int], w: int) -> torch.Tensor:
+def unpartition(t: torch.Tensor, grid: tuple[int, int], w: int) -> torch.Tensor:
     """(B, h, windows, w * w, hd) -> (B, h, gh * gw, hd), row-major patches again."""
     B, H, _, _, C = t.shape
     gh, gw = grid
@@ -62,7 +62,7 @@ def window_slots(grid: tuple[int, int], padded: tuple[int, int], w: int, device=
     cols = torch.arange(pw, device=device)[None, :].expand(ph, pw)
     patch = ((rows + shift[0]) % gh) * gw + (cols + shift[1]) % gw
     index = torch.where((rows < gh) & (cols < gw), patch, torch.full_like(rows, -1))
-    return _partition(index.reshape(1, 1, ph * pw, 1), padded, w).reshape(-1, w * w)
+    return partition(index.reshape(1, 1, ph * pw, 1), padded, w).reshape(-1, w * w)
 
 
 def effective_shift(grid: tuple[int, int], w: int, shift: tuple[int, int]) -> tuple[int, int]:
@@ -81,7 +81,7 @@ def shift_mask(padded: tuple[int, int], w: int, shift: tuple[int, int], device=N
         # (0, -w) -> 0, (-w, -s) -> 1, (-s, end) -> 2; unshifted, timm's last slice is the whole axis
         labels.append((index >= side - w).long() + (index >= side - s).long() if s else torch.zeros(side).long())
     region = (labels[0][:, None] * 3 + labels[1][None, :]).reshape(1, 1, -1, 1)  # (1, 1, ph * pw, 1)
-    region = _partition(region, padded, w).reshape(-1, w * w)  # (windows, w²)
+    region = partition(region, padded, w).reshape(-1, w * w)  # (windows, w²)
     same = region[:, :, None] == region[:, None, :]  # (windows, w², w²)
     # only operators fvcore ignores (eq, bitwise_not, masked_fill): a traced count sees no new ones
     return torch.zeros(same.shape, dtype=dtype).masked_fill(~same, SHIFT_MASK).to(device)
@@ -183,13 +183,13 @@ class WindowAttention(QKVAttention):
         if self.params.cosine:
             q, k = cosine_queries(q, k, self.logit_scale)
         drop = self.attn_drop if self.training else 0.0
-        qw, kw, vw = (_partition(t[:, :, P:], padded, w) for t in (q, k, v))  # (B, h, windows, w², hd)
+        qw, kw, vw = (partition(t[:, :, P:], padded, w) for t in (q, k, v))  # (B, h, windows, w², hd)
         if P:  # every window also sees the prefix tokens
             nW = qw.shape[2]
             kw = torch.cat([k[:, :, None, :P].expand(-1, -1, nW, -1, -1), kw], dim=3)  # (B, h, nW, P + w², hd)
             vw = torch.cat([v[:, :, None, :P].expand(-1, -1, nW, -1, -1), vw], dim=3)
         bias = self.window_bias(padded, shift, P, qw)
-        out = _unpartition(self.attend(qw, kw, vw, dropout_p=drop, bias=bias), padded, w)  # (B, h, padded N, hd)
+        out = unpartition(self.attend(qw, kw, vw, dropout_p=drop, bias=bias), padded, w)  # (B, h, padded N, hd)
         window_map = self.attn_map
         if P:  # prefix queries attend globally, to the real tokens
             real = self._real(k, P, padded, (gh, gw)), self._real(v, P, padded, (gh, gw))

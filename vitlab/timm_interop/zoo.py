@@ -21,7 +21,8 @@ FAMILIES: tuple[str, ...] = (
     "vision_transformer", "deit", "eva", "vision_transformer_sam", "beit", "vision_transformer_relpos",
     "cait", "vision_transformer_hybrid", "xcit", "convit", "naflexvit", "qwen3_vit", "gemma4_vit",
     "deepseek_vit", "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr",
-    "pvt_v2", "twins", "levit", "mvitv2", "hiera", "hieradet_sam2", "nest",
+    "pvt_v2", "twins", "levit", "mvitv2", "hiera", "hieradet_sam2", "nest", "coat", "tiny_vit", "volo",
+    "davit", "gcvit",
 )
 
 

@@ -20,14 +20,19 @@ from . import mvitv2  # MViTv2
 from . import hiera  # Hiera
 from . import hieradet_sam2  # SAM 2's Hiera (HieraDet)
 from . import nest  # NesT
+from . import davit  # DaViT
+from . import coat  # CoaT-Lite (CoaT's parallel blocks are refused)
+from . import gcvit  # GCViT
+from . import tiny_vit  # TinyViT (before LeViT, whose stem it shares and whose claim would take it)
+from . import volo  # VOLO (before CaiT, whose class-attention blocks it has, and PiT, whose marker its stem matches)
 from . import (
     beit, cait, convit, deepseek, eva, gemma4, hybrid, naflex, pit, qwen3, relpos, sam, swin, vit, xcit,
 )
 from . import swin_v2, swin_v2_cr  # before swin: v2's checkpoints match swin's marker, its specs swin's claim
 
 FAMILIES: tuple[TimmFamily, ...] = (
-    qwen3.FAMILY, deepseek.FAMILY, gemma4.FAMILY, hybrid.FAMILY, cait.FAMILY, beit.FAMILY, relpos.FAMILY,
-    eva.FAMILY, naflex.FAMILY, xcit.FAMILY, sam.FAMILY, convit.FAMILY, swin_v2.FAMILY, swin_v2_cr.FAMILY, swin.FAMILY, pvt_v2.FAMILY, twins.FAMILY, levit.FAMILY, mvitv2.FAMILY, hiera.FAMILY, hieradet_sam2.FAMILY, nest.FAMILY, pit.FAMILY, vit.FAMILY,
+    qwen3.FAMILY, deepseek.FAMILY, gemma4.FAMILY, hybrid.FAMILY, volo.FAMILY, cait.FAMILY, beit.FAMILY, relpos.FAMILY,
+    eva.FAMILY, naflex.FAMILY, xcit.FAMILY, sam.FAMILY, convit.FAMILY, swin_v2.FAMILY, swin_v2_cr.FAMILY, swin.FAMILY, tiny_vit.FAMILY, gcvit.FAMILY, pvt_v2.FAMILY, twins.FAMILY, levit.FAMILY, mvitv2.FAMILY, hiera.FAMILY, hieradet_sam2.FAMILY, nest.FAMILY, coat.FAMILY, davit.FAMILY, pit.FAMILY, vit.FAMILY,
 )
 
 

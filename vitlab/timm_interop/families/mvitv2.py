@@ -8,12 +8,15 @@ block of that stage, which widens the tokens and pools the queries. A timm stage
 therefore a vitlab stage of depth d - 1 after the first. The final norm and an average (or class
 token) pool feed the classifier.
 
+With ``expand_attn=False`` (``mvitv2_large``) the last block of a stage widens the tokens in its
+MLP, at that stage's grid and heads: the next transition holds it (``pooling_block`` with
+``widen: mlp``, ``in_heads``, ``in_attention``), so that stage is one block shorter still, and the
+pooling block keeps the width.
+
 The state-dict differences are the ``MVIT`` table: timm numbers blocks per stage
 (``stages.{stage}.blocks.{j}``), its block 0 of a later stage is vitlab's
-``transitions.{stage}``, and the classifier is ``head.fc``.
-
-Not read: the width changed by the MLP of a stage's last block (``expand_attn=False``,
-``mvitv2_large``): vitlab's blocks keep their stage's width (see the issue's closing note).
+``transitions.{stage}``, a widening last block the next transition's ``widen``, and the
+classifier is ``head.fc``.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ _TRANSITION = re.compile(r"transitions\.(\d+)\.(.+)$")
 @dataclass(frozen=True)
 class MvitTable(Family):
     """``Family`` whose timm block j of stage s > 0 is vitlab's block j - 1 of that stage, block 0
-    the transition into it (a shift the ``{j}`` templates cannot say); ``depths``: vitlab's."""
+    the transition into it, and a block past vitlab's stage (a widening last block) the next
+    transition's ``widen`` (a shift the ``{j}`` templates cannot say); ``depths``: vitlab's."""
 
     def to_vitlab(self, key: str, depths: Sequence[int] | None = None) -> str:
         m = _TIMM_BLOCK.match(key)
@@ -48,11 +52,16 @@ class MvitTable(Family):
         if s and not j:
             return f"transitions.{s}.{rest}"
         j -= bool(s)
+        if s + 1 < len(depths) and j == depths[s]:
+            return f"transitions.{s + 1}.widen.{rest}"
         return key if s >= len(depths) or j >= depths[s] else f"blocks.{sum(depths[:s]) + j}.{rest}"
 
     def to_timm(self, key: str, into=None, depths: Sequence[int] | None = None) -> str:
         if depths is not None and (m := _TRANSITION.match(key)):
-            return f"stages.{m.group(1)}.blocks.0.{m.group(2)}"
+            s, rest = int(m.group(1)), m.group(2)
+            if rest.startswith("widen."):  # the previous stage's last block
+                return f"stages.{s - 1}.blocks.{depths[s - 1] + bool(s - 1)}.{rest[6:]}"
+            return f"stages.{s}.blocks.0.{rest}"
         if depths is not None and (m := _BLOCK.match(key)):
             b, start = int(m.group(1)), 0
             for s, d in enumerate(depths):
@@ -121,13 +130,17 @@ class MvitReader(Reader):
         return {"heads": a.num_heads, "params": params, "stride_q": strides["q"]}
 
     def block(self, b: nn.Module, i: int, dim: int | None = None, where: str | None = None) -> tuple[dict, dict, float]:
-        """A ``MultiScaleBlock``: (attention read, MLP read, stochastic-depth rate)."""
+        """A ``MultiScaleBlock`` whose attention is ``dim`` wide: (attention read, MLP read,
+        stochastic-depth rate). Its MLP may end wider (``b.dim_out``, expand_attn=False), the
+        residual then projected by ``shortcut_proj_mlp``."""
         from timm.models.mvitv2 import MultiScaleBlock
 
         if type(b) is not MultiScaleBlock:
             raise self.unsupported(f"block type {type(b).__name__} at {where}")
-        if b.shortcut_proj_mlp is not None or b.dim_out != dim:
-            raise self.unsupported(f"width changed by the MLP (expand_attn=False) at {where}")
+        if (b.shortcut_proj_mlp is None) != (b.dim_out == dim) or (b.dim_out != dim and b.dim != dim):
+            raise self.unsupported(f"MLP widths other than timm's expand_attn layouts at {where}")
+        if b.shortcut_proj_mlp is not None:
+            self.linear(b.shortcut_proj_mlp, f"{where}.shortcut_proj_mlp")
         if b.shortcut_proj_attn is not None:
             self.linear(b.shortcut_proj_attn, f"{where}.shortcut_proj_attn")
         self.norm(b.norm1, f"{where}.norm1")
@@ -138,7 +151,7 @@ class MvitReader(Reader):
         if (pool is None) != (sq == 1) or (pool is not None and (tuple(pool.kernel_size), tuple(pool.stride)) != (
                 (sq + 1,) * 2, (sq,) * 2)):
             raise self.unsupported(f"residual pooling other than a max pool of the query stride at {where}")
-        mlp = self.mlp(b.mlp, f"{where}.mlp", dim)
+        mlp = self.mlp(b.mlp, f"{where}.mlp", b.dim_out)
         return attn, mlp, float(getattr(b.drop_path1, "drop_prob", 0.0))
 
     def spec(self) -> ViTSpec:
@@ -163,19 +176,30 @@ class MvitReader(Reader):
             "class_token": m.cls_token is not None, "pos_embed": {"name": "none"},
             "transition": {"name": "pooling_block"},
         }
-        width, stages, reads, where_of, drops = conv.out_channels, [], [], [], []
+        width, stages, reads, where_of, drops, held = conv.out_channels, [], [], [], [], None
         for si, stage in enumerate(m.stages):
-            if type(stage) is not MultiScaleVitStage or len(stage.blocks) < (2 if si else 1):
-                raise self.unsupported(f"stage {si} of {len(stage.blocks)} blocks (a later stage needs 2: "
-                                       "its first block is vitlab's transition into it)")
+            if type(stage) is not MultiScaleVitStage:
+                raise self.unsupported(f"stage {si} of type {type(stage).__name__}")
             entry: dict[str, Any] = {}
             for j, b in enumerate(stage.blocks):
                 where = f"stages.{si}.blocks.{j}"
-                dim_in, width = width, b.dim_out
-                attn, mlp, drop = self.block(b, 0, width, where)
+                dim_in, att, width = width, b.attn.dim_out, b.dim_out
+                attn, mlp, drop = self.block(b, 0, att, where)
+                if width != att and (j != len(stage.blocks) - 1 or si == len(m.stages) - 1 or (si and not j)
+                                     or attn["stride_q"] != 1):
+                    raise self.unsupported(f"a width changed by the MLP other than in the last block of a stage "
+                                           f"before the last, after its first (vitlab's transition) at {where}")
                 if si and not j:
-                    entry["transition"] = {"name": "pooling_block", "params": {"stride_q": attn["stride_q"],
-                                                                               "attention": attn["params"]}}
+                    params = {"stride_q": attn["stride_q"], "attention": attn["params"]}
+                    if held is not None:  # the previous stage's widening last block
+                        if int(width * data["mlp_ratio"]) * held["dim"] // width != held["hidden"]:
+                            raise self.unsupported(f"widening MLP of hidden width {held['hidden']} (vitlab's: the "
+                                                   f"stage's scaled to the previous width) before {where}")
+                        params.update(widen="mlp", in_heads=held["heads"], in_attention=held["params"])
+                    entry["transition"] = {"name": "pooling_block", "params": params}
+                    held = None
+                elif width != att:
+                    held = {**attn, "hidden": mlp["hidden"], "dim": att}
                 elif attn["stride_q"] != 1 or dim_in != width:
                     raise self.unsupported(f"pooled queries or a new width inside a stage at {where}")
                 else:
@@ -185,11 +209,15 @@ class MvitReader(Reader):
                 if entry.setdefault("num_heads", attn["heads"]) != attn["heads"]:
                     raise self.unsupported(f"heads that differ within stage {si} at {where}")
                 hidden = mlp["hidden"]
-                ratio = self.mlp_ratio(hidden, f"{where}.mlp", width)
+                ratio = self.mlp_ratio(hidden, f"{where}.mlp", att)
                 data.setdefault("mlp_ratio", ratio)
-                if int(width * data["mlp_ratio"]) != hidden or mlp["params"] != {"bias": True, "norm": False, "act": "gelu"}:
+                if int(att * data["mlp_ratio"]) != hidden or mlp["params"] != {"bias": True, "norm": False, "act": "gelu"}:
                     raise self.unsupported(f"MLP other than the model's (ratio {data['mlp_ratio']:g}, GELU) at {where}.mlp")
-            stages.append({"depth": len(stage.blocks) - bool(si), "embed_dim": width, **entry})
+            depth = len(stage.blocks) - bool(si) - (held is not None)
+            if depth < 1:
+                raise self.unsupported(f"stage {si} of {len(stage.blocks)} blocks (vitlab's stage needs one besides "
+                                       "its first, the transition into it, and a widening last, held by the next)")
+            stages.append({"depth": depth, "embed_dim": att, **entry})
         data["attention"], layers = common_and_layers([{"name": "pooling", "params": a["params"]} for a in reads],
                                                       "attention")
         data.update(stages=stages, layers=layers, mlp={"name": "mlp", "params": {"act": "gelu"}},
@@ -239,6 +267,11 @@ def mvit_kwargs(spec: ViTSpec, ex: Exporting) -> dict[str, Any]:
         raise fail(f"pool '{spec.pool.name}' {spec.pool.params} (MViTv2: avg or token, no norm)")
     plans, stages = spec.block_plans(), spec.stage_plans()
     attn, stride_kv, stride_q = [], [], [1]
+    # widen mlp anywhere is expand_attn=False: then no pooling block may widen in its attention
+    widen = [st.transition.params.get("widen", "attn") == "mlp" for st in stages[1:]] + [False]
+    if any(widen) and any(not w and nxt.embed_dim != st.embed_dim for st, nxt, w in zip(stages, stages[1:], widen)):
+        raise fail("pooling blocks widening in the attention and in the held block's MLP in one model "
+                   "(timm's expand_attn is one switch)")
     for st in stages:
         sels = [plans[i].selections for i in st.blocks]
         if any(s[k] != spec.selection(k) for s in sels for k in ("mlp", "norm", "block")) or any(
@@ -250,6 +283,12 @@ def mvit_kwargs(spec: ViTSpec, ex: Exporting) -> dict[str, Any]:
         if st.index:
             params.insert(0, dict(st.transition.params["attention"]))
             stride_q.append(st.transition.params["stride_q"])
+        if widen[st.index]:  # the next transition holds this stage's last block
+            nxt = stages[st.index + 1].transition.params
+            params.append(dict(nxt.get("in_attention") or nxt["attention"]))
+            D, D_in = stages[st.index + 1].embed_dim, st.embed_dim
+            if nxt.get("in_heads") != st.num_heads or int(D * spec.mlp_ratio) * D_in // D != int(D_in * spec.mlp_ratio):
+                raise fail(f"a held block's heads or MLP width other than stage {st.index}'s")
         if len({p["stride_kv"] for p in params}) != 1:
             raise fail(f"key / value strides that differ within stage {st.index}")
         stride_kv.append(params[0]["stride_kv"])
@@ -261,7 +300,8 @@ def mvit_kwargs(spec: ViTSpec, ex: Exporting) -> dict[str, Any]:
     if norm.name != "layernorm" or not norm.params.get("bias", True):
         raise fail(f"norm '{norm.name}' {norm.params} (MViTv2: LayerNorm with bias)")
     cfg = MultiScaleVitCfg(
-        depths=tuple(st.depth + bool(st.index) for st in stages), embed_dim=tuple(st.embed_dim for st in stages),
+        depths=tuple(st.depth + bool(st.index) + widen[st.index] for st in stages), expand_attn=not any(widen),
+        embed_dim=tuple(st.embed_dim for st in stages),
         num_heads=tuple(st.num_heads for st in stages), mlp_ratio=spec.mlp_ratio, qkv_bias=ap["qkv_bias"],
         use_cls_token=spec.class_token, residual_pooling=ap["residual_pooling"], mode=ap["mode"],
         kernel_qkv=(ap["kernel"],) * 2, stride_q=tuple((s, s) for s in stride_q),
