@@ -112,6 +112,7 @@ class LevitAttention(Attention):
 
     name = "levit"
     splits_width = False  # each head is key_dim wide: the width need not divide by the heads
+    takes_qk_transform = False  # queries and keys are key_dim wide, not head_dim: a RoPE sized for heads misfits
 
     class Params(Attention.Params):
         key_dim: int = Field(16, gt=0, le=LIMITS["embed_dim"], description="query and key width per head")

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 
 from ..errors import VitlabError
+from ..model import VisionTransformer
 
 # timm modules whose ViTs vitlab reads, in the README's order: the isotropic ones (single width, one
 # token grid; the VLM vision towers when the installed timm has them), then the hierarchical ones
@@ -37,6 +38,7 @@ class Outcome:
     reason: str = ""
     exported: bool = False  # a read model whose spec goes back to timm and reads back the same
     export_reason: str = ""
+    params: tuple[int, int] = (0, 0)  # a read model's parameters: timm's, vitlab's (both built on meta)
 
 
 @dataclass
@@ -127,7 +129,10 @@ def read_one(name: str, family: str, registry=None) -> Outcome:
         return Outcome(name, family, "refused", _reason(exc))
     except Exception as exc:  # noqa: BLE001 - the point is to report it, not to stop
         return Outcome(name, family, "crash", f"{type(exc).__name__}: {exc}")
-    return Outcome(name, family, "read", **_export(spec, registry))
+    with on_meta():
+        ours = VisionTransformer(spec, device="meta", registry=registry)
+    params = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in ours.parameters()))
+    return Outcome(name, family, "read", params=params, **_export(spec, registry))
 
 
 def _export(spec, registry) -> dict:
